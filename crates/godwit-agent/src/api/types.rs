@@ -1,0 +1,289 @@
+//! Request and response bodies of the agent's local API (JSON over HTTP on
+//! a unix socket). Shared by the server and [`crate::client::ApiClient`],
+//! so the two can never disagree on a field name.
+
+use serde::{Deserialize, Serialize};
+
+/// `POST /v1/vms`: create and start a VM on this host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVm {
+    /// VM name, unique across the fleet.
+    pub name: String,
+    /// Guest RAM, MiB.
+    pub memory_mib: u64,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Machine type or alias (resolved to a versioned type at creation).
+    #[serde(default = "default_machine")]
+    pub machine: String,
+    /// Guest kernel.
+    pub kernel: Option<std::path::PathBuf>,
+    /// Guest initramfs.
+    pub initrd: Option<std::path::PathBuf>,
+    /// Kernel command line.
+    #[serde(default)]
+    pub cmdline: String,
+    /// Optional disk image.
+    pub disk: Option<std::path::PathBuf>,
+    /// Optional NIC MAC address.
+    pub mac: Option<String>,
+}
+
+fn default_machine() -> String {
+    "pc".into()
+}
+
+/// Where a VM stands on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VmState {
+    /// QEMU is starting.
+    Starting,
+    /// The guest runs here.
+    Running,
+    /// QEMU is up but the guest is paused.
+    Paused,
+    /// Migrating away from this host.
+    MigratingOut,
+    /// Arriving on this host (QEMU waits for or loads the stream).
+    Incoming,
+    /// QEMU has exited.
+    Stopped,
+}
+
+/// A VM as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmInfo {
+    /// Name.
+    pub name: String,
+    /// State.
+    pub state: VmState,
+    /// QEMU's own run state (`running`, `paused`, `postmigrate`, …).
+    pub qemu_status: Option<String>,
+    /// Guest RAM, MiB.
+    pub memory_mib: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Concrete machine type.
+    pub machine: String,
+    /// QEMU process id.
+    pub pid: Option<u32>,
+    /// QEMU instance id on this host.
+    pub instance: String,
+    /// Last report from the in-guest tool, if connected.
+    pub guest: Option<GuestInfo>,
+    /// Full specification (opaque to clients).
+    pub spec: serde_json::Value,
+}
+
+/// What the agent knows of the in-guest tool.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GuestInfo {
+    /// Whether the agent holds a connection to the guest channel.
+    pub connected: bool,
+    /// Guest boot id (changes if the guest reboots: a migration must not).
+    pub boot_id: Option<String>,
+    /// Guest uptime at the last report, ms.
+    pub uptime_ms: Option<u64>,
+}
+
+/// `POST /v1/migrations`: migrate a local VM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartMigration {
+    /// VM name.
+    pub vm: String,
+    /// Destination site or agent name.
+    pub to: String,
+    /// Override of QEMU's downtime limit, ms.
+    pub downtime_limit_ms: Option<u64>,
+    /// Override of the migration timeout, s.
+    pub timeout_s: Option<u64>,
+    /// Baseline mode: QEMU to QEMU over plain TCP, bypassing the agents'
+    /// relay (no encryption, no acceleration). For comparisons only.
+    #[serde(default)]
+    pub direct: bool,
+}
+
+/// Phase of a migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationPhase {
+    /// Asking the destination to prepare.
+    Preparing,
+    /// QEMU is sending memory.
+    Transferring,
+    /// The guest is paused and the final state is on its way.
+    Switchover,
+    /// A failure happened after the guest paused; the agents are finding
+    /// out where the VM runs.
+    Deciding,
+    /// The VM runs at the destination.
+    Completed,
+    /// The VM still runs at the source.
+    Failed,
+    /// Undecided: the VM is paused at the source and the destination could
+    /// not be reached; an operator must resolve it.
+    Undecided,
+}
+
+impl MigrationPhase {
+    /// Whether no further change will happen.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed | Self::Undecided)
+    }
+}
+
+/// Live figures of a migration (from QEMU and the relay).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MigrationProgress {
+    /// Milliseconds since the migration started.
+    pub elapsed_ms: u64,
+    /// QEMU's migration status.
+    pub qemu_status: Option<String>,
+    /// Guest RAM, bytes.
+    pub ram_total_bytes: u64,
+    /// Bytes QEMU has written (its `ram.transferred`).
+    pub transferred_bytes: u64,
+    /// Bytes QEMU still has to send (`ram.remaining`).
+    pub remaining_bytes: u64,
+    /// QEMU's throughput estimate, bits per second.
+    pub rate_bps: f64,
+    /// Guest dirty rate, bytes per second.
+    pub dirty_rate_bps: f64,
+    /// QEMU's expected downtime, ms.
+    pub expected_downtime_ms: Option<u64>,
+    /// Estimated time to completion, ms.
+    pub eta_ms: Option<u64>,
+    /// Completed dirty-bitmap passes.
+    pub passes: u64,
+    /// Bytes the relay put on the WAN towards the destination.
+    pub wire_bytes: u64,
+    /// vCPU throttle applied by auto-converge, percent.
+    pub cpu_throttle_pct: Option<u64>,
+}
+
+/// Final figures of a migration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MigrationReport {
+    /// Whether the VM now runs at the destination.
+    pub success: bool,
+    /// Total time, ms (from the request to the VM running at the destination).
+    pub total_ms: u64,
+    /// QEMU's measured downtime, ms.
+    pub downtime_ms: Option<u64>,
+    /// QEMU setup time, ms.
+    pub setup_ms: Option<u64>,
+    /// Time QEMU spent migrating (its `total-time`), ms.
+    pub qemu_total_ms: Option<u64>,
+    /// Bytes on the WAN, both directions, relay framing included.
+    pub wire_bytes: u64,
+    /// Bytes QEMU wrote into the relay.
+    pub stream_bytes: u64,
+    /// Guest RAM, MiB.
+    pub ram_mib: u64,
+    /// Wire bytes per GiB of guest RAM.
+    pub wire_bytes_per_gib: f64,
+    /// How the stream travelled ("relay": byte-exact through the agents).
+    pub mode: String,
+    /// Dirty-bitmap passes.
+    pub passes: u64,
+}
+
+/// A migration as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrationInfo {
+    /// Migration id.
+    pub id: String,
+    /// VM name.
+    pub vm: String,
+    /// Source agent.
+    pub from: String,
+    /// Destination agent.
+    pub to: String,
+    /// Destination site.
+    pub to_site: String,
+    /// Phase.
+    pub phase: MigrationPhase,
+    /// Live figures.
+    pub progress: MigrationProgress,
+    /// Final report, once terminal.
+    pub report: Option<MigrationReport>,
+    /// What went wrong, if it failed.
+    pub error: Option<String>,
+}
+
+/// `POST /v1/vms/{name}/guest`: a command for the in-guest tool.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GuestRequest {
+    /// The command (its `id` is assigned by the agent).
+    pub command: serde_json::Value,
+    /// How long to wait for the answer, ms.
+    #[serde(default = "default_guest_timeout")]
+    pub timeout_ms: u64,
+}
+
+fn default_guest_timeout() -> u64 {
+    30_000
+}
+
+/// Status of this agent (`GET /v1/status`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentStatus {
+    /// Agent name.
+    pub name: String,
+    /// Site.
+    pub site: String,
+    /// godwit version.
+    pub version: String,
+    /// Certificate fingerprint.
+    pub fingerprint: String,
+    /// QUIC address.
+    pub listen: String,
+    /// Accelerator used for VMs.
+    pub accel: String,
+    /// Peers and their link figures.
+    pub peers: Vec<PeerStatus>,
+    /// VMs on this host.
+    pub vms: Vec<VmInfo>,
+    /// Migrations known to this agent.
+    pub migrations: Vec<MigrationInfo>,
+}
+
+/// A peer as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerStatus {
+    /// Name.
+    pub name: String,
+    /// Site.
+    pub site: String,
+    /// Address.
+    pub addr: String,
+    /// Whether a QUIC connection is up.
+    pub connected: bool,
+    /// Smoothed round-trip time, ms.
+    pub rtt_ms: Option<f64>,
+    /// Bytes sent on the connection.
+    pub tx_bytes: Option<u64>,
+    /// Bytes received.
+    pub rx_bytes: Option<u64>,
+}
+
+/// `POST /v1/peers`: trust another agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddPeer {
+    /// The peer.
+    #[serde(flatten)]
+    pub peer: crate::config::PeerEntry,
+}
+
+/// Error body of every failed request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiErrorBody {
+    /// Error class.
+    pub code: String,
+    /// Message, with its causes joined by ": ".
+    pub message: String,
+}

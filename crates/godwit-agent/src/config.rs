@@ -1,0 +1,418 @@
+//! Agent configuration: the TOML file, its defaults, and host initialisation.
+//!
+//! Sources, in order: command-line flags (handled by the binary), the TOML
+//! file (`--config` or `GODWIT_CONFIG`), then the defaults below. The raw
+//! [`AgentConfig`] is what the file holds; [`AgentConfig::validate`] turns
+//! it into checked values at start-up so that a typo fails loudly instead
+//! of at the first migration.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Default location of the configuration file.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/godwit/agent.toml";
+/// Default unix socket of the agent's API.
+pub const DEFAULT_API_SOCKET: &str = "/run/godwit/agent.sock";
+/// Default UDP port of the agent-to-agent QUIC endpoint.
+pub const DEFAULT_PEER_PORT: u16 = 7480;
+/// Default TCP address for Prometheus scraping.
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9480";
+
+/// Errors loading or writing configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read or written.
+    #[error("cannot access configuration file {path}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid configuration in {path}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A value is out of range.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    /// The host identity could not be created or loaded.
+    #[error("host identity in {dir}")]
+    Identity {
+        /// Identity directory.
+        dir: PathBuf,
+        /// Cause.
+        #[source]
+        source: godwit_transport::IdentityError,
+    },
+}
+
+/// The agent's configuration file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// This agent's name; peers pin its certificate under this name.
+    pub name: String,
+    /// The site this host belongs to (`godwit migrate VM --to SITE`).
+    pub site: String,
+    /// Persistent state: identity, VM records.
+    pub state_dir: PathBuf,
+    /// Runtime files: sockets, QEMU logs.
+    pub run_dir: PathBuf,
+    /// Unix socket of the local API.
+    #[serde(default = "default_api_socket")]
+    pub api_socket: PathBuf,
+    /// UDP address of the QUIC endpoint.
+    pub listen: SocketAddr,
+    /// TCP address serving Prometheus `/metrics` (empty to disable).
+    #[serde(default = "default_metrics")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Hypervisor settings.
+    #[serde(default)]
+    pub qemu: QemuSection,
+    /// Migration defaults.
+    #[serde(default)]
+    pub migration: MigrationSection,
+    /// Transport tuning.
+    #[serde(default)]
+    pub transport: TransportSection,
+    /// Trusted peer agents.
+    #[serde(default)]
+    pub peers: Vec<PeerEntry>,
+}
+
+fn default_api_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_API_SOCKET)
+}
+
+fn default_metrics() -> Option<SocketAddr> {
+    DEFAULT_METRICS_ADDR.parse().ok()
+}
+
+/// `[qemu]`: how VMs are launched on this host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QemuSection {
+    /// QEMU binary.
+    pub binary: PathBuf,
+    /// `tcg` or `kvm`.
+    pub accel: godwit_qemu::Accel,
+    /// Where guest RAM files live (tmpfs or hugetlbfs; never memfd).
+    pub ram_dir: PathBuf,
+}
+
+impl Default for QemuSection {
+    fn default() -> Self {
+        Self {
+            binary: PathBuf::from("qemu-system-x86_64"),
+            accel: godwit_qemu::Accel::Kvm,
+            ram_dir: PathBuf::from("/dev/shm/godwit"),
+        }
+    }
+}
+
+/// `[migration]`: defaults for migrations started on this host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MigrationSection {
+    /// QEMU's downtime limit, milliseconds.
+    pub downtime_limit_ms: u64,
+    /// Give up after this many seconds (`timeout_strategy = cancel`).
+    pub timeout_s: u64,
+    /// Let QEMU throttle the guest's vCPUs when the migration does not
+    /// converge.
+    pub auto_converge: bool,
+    /// How long the destination waits for the stream once prepared.
+    pub incoming_timeout_s: u64,
+    /// After a failure in the final phase, how long the source keeps asking
+    /// the destination what happened before it leaves the VM paused for an
+    /// operator.
+    pub decision_timeout_s: u64,
+}
+
+impl Default for MigrationSection {
+    fn default() -> Self {
+        Self {
+            downtime_limit_ms: 300,
+            timeout_s: 600,
+            auto_converge: true,
+            incoming_timeout_s: 60,
+            decision_timeout_s: 120,
+        }
+    }
+}
+
+/// `[transport]`: QUIC tuning.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransportSection {
+    /// Largest bandwidth-delay product to size windows for, bytes.
+    pub max_bdp_bytes: u64,
+    /// A peer silent for this long is considered gone, seconds.
+    pub idle_timeout_s: u64,
+}
+
+impl Default for TransportSection {
+    fn default() -> Self {
+        Self {
+            // 1 Gbit/s × 600 ms.
+            max_bdp_bytes: 75_000_000,
+            idle_timeout_s: 10,
+        }
+    }
+}
+
+/// `[[peers]]`: a trusted agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerEntry {
+    /// The peer's agent name.
+    pub name: String,
+    /// The peer's site.
+    pub site: String,
+    /// Its QUIC address.
+    pub addr: SocketAddr,
+    /// SHA-256 fingerprint of its certificate.
+    pub fingerprint: String,
+}
+
+impl AgentConfig {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let cfg: AgentConfig = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Writes the configuration file (atomically).
+    pub fn save(&self, path: &Path) -> Result<(), ConfigError> {
+        let io = |source| ConfigError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let text = toml::to_string_pretty(self)
+            .map_err(|e| ConfigError::Invalid(format!("cannot serialise: {e}")))?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let tmp = path.with_extension("toml.tmp");
+        std::fs::write(&tmp, text).map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
+    }
+
+    /// Checks values that serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let valid_name = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 63
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        };
+        if !valid_name(&self.name) {
+            return Err(ConfigError::Invalid(format!(
+                "agent name {:?} must be 1-63 characters of [A-Za-z0-9_-]",
+                self.name
+            )));
+        }
+        if !valid_name(&self.site) {
+            return Err(ConfigError::Invalid(format!(
+                "site {:?} must be 1-63 characters of [A-Za-z0-9_-]",
+                self.site
+            )));
+        }
+        for p in &self.peers {
+            if p.name == self.name {
+                return Err(ConfigError::Invalid(format!(
+                    "peer {:?} has this agent's own name",
+                    p.name
+                )));
+            }
+            p.fingerprint
+                .parse::<godwit_transport::Fingerprint>()
+                .map_err(|_| {
+                    ConfigError::Invalid(format!(
+                        "peer {:?}: fingerprint {:?} is not 64 hex digits",
+                        p.name, p.fingerprint
+                    ))
+                })?;
+        }
+        if self.migration.downtime_limit_ms == 0 || self.migration.downtime_limit_ms > 2_000_000 {
+            return Err(ConfigError::Invalid(
+                "migration.downtime_limit_ms must be 1..=2000000".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Directory holding this host's key and certificate.
+    pub fn identity_dir(&self) -> PathBuf {
+        self.state_dir.join("identity")
+    }
+
+    /// Migration timeout.
+    pub fn migration_timeout(&self) -> Duration {
+        Duration::from_secs(self.migration.timeout_s)
+    }
+}
+
+/// What `godwit agent init` needs to know.
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    /// Agent name (default: the host name).
+    pub name: String,
+    /// Site name.
+    pub site: String,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Runtime directory.
+    pub run_dir: PathBuf,
+    /// API socket.
+    pub api_socket: PathBuf,
+    /// QUIC listen address.
+    pub listen: SocketAddr,
+    /// Metrics address.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Accelerator.
+    pub accel: godwit_qemu::Accel,
+    /// Where to write the configuration.
+    pub config_path: PathBuf,
+    /// Replace an existing identity and configuration.
+    pub force: bool,
+}
+
+/// Result of `godwit agent init`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InitReport {
+    /// Configuration file written.
+    pub config: PathBuf,
+    /// Agent name.
+    pub name: String,
+    /// Site.
+    pub site: String,
+    /// QUIC address.
+    pub listen: SocketAddr,
+    /// Certificate fingerprint peers must pin.
+    pub fingerprint: String,
+    /// Whether a new identity was generated (false: an existing one was kept).
+    pub generated: bool,
+}
+
+/// Creates the host identity (unless one exists) and writes the configuration.
+pub fn init(opts: &InitOptions) -> Result<InitReport, ConfigError> {
+    if opts.config_path.exists() && !opts.force {
+        return Err(ConfigError::Invalid(format!(
+            "{} already exists (use --force to overwrite)",
+            opts.config_path.display()
+        )));
+    }
+    let cfg = AgentConfig {
+        name: opts.name.clone(),
+        site: opts.site.clone(),
+        state_dir: opts.state_dir.clone(),
+        run_dir: opts.run_dir.clone(),
+        api_socket: opts.api_socket.clone(),
+        listen: opts.listen,
+        metrics_listen: opts.metrics_listen,
+        qemu: QemuSection {
+            accel: opts.accel,
+            ..QemuSection::default()
+        },
+        migration: MigrationSection::default(),
+        transport: TransportSection::default(),
+        peers: Vec::new(),
+    };
+    cfg.validate()?;
+    let dir = cfg.identity_dir();
+    let id_err = |source| ConfigError::Identity {
+        dir: dir.clone(),
+        source,
+    };
+    let (identity, generated) = match godwit_transport::Identity::load(&dir) {
+        Ok(id) if !opts.force => (id, false),
+        _ => {
+            let id = godwit_transport::Identity::generate(&opts.name).map_err(id_err)?;
+            id.save(&dir).map_err(id_err)?;
+            (id, true)
+        }
+    };
+    cfg.save(&opts.config_path)?;
+    Ok(InitReport {
+        config: opts.config_path.clone(),
+        name: cfg.name,
+        site: cfg.site,
+        listen: cfg.listen,
+        fingerprint: identity.fingerprint().to_string(),
+        generated,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> AgentConfig {
+        toml::from_str(
+            r#"
+            name = "a"
+            site = "a"
+            state_dir = "/var/lib/godwit"
+            run_dir = "/run/godwit"
+            listen = "10.77.1.1:7480"
+            [qemu]
+            accel = "tcg"
+            [[peers]]
+            name = "b"
+            site = "b"
+            addr = "10.77.2.1:7480"
+            fingerprint = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
+            "#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn defaults_fill_in() {
+        let c = sample();
+        c.validate().unwrap();
+        assert_eq!(c.migration.downtime_limit_ms, 300);
+        assert_eq!(c.api_socket, PathBuf::from(DEFAULT_API_SOCKET));
+        assert_eq!(c.qemu.accel, godwit_qemu::Accel::Tcg);
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let r: Result<AgentConfig, _> = toml::from_str(
+            "name='a'\nsite='a'\nstate_dir='/x'\nrun_dir='/y'\nlisten='1.2.3.4:1'\nlisten_port=3\n",
+        );
+        assert!(r.is_err());
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        let mut c = sample();
+        c.peers[0].fingerprint = "zz".into();
+        assert!(c.validate().is_err());
+        let mut c = sample();
+        c.name = "bad name".into();
+        assert!(c.validate().is_err());
+        let mut c = sample();
+        c.peers[0].name = "a".into();
+        assert!(c.validate().is_err());
+    }
+}

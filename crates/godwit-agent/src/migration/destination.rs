@@ -1,0 +1,423 @@
+//! The destination's side of a migration.
+//!
+//! ```mermaid
+//! stateDiagram-v2
+//!   [*] --> Loading: PrepareIncoming (QEMU -incoming)
+//!   Loading --> Running: QEMU loaded the state and started the guest
+//!   Loading --> Failed: stream broke / QEMU died / abort / timeout
+//!   Running --> [*]: the VM is ours
+//!   Failed --> [*]: QEMU discarded
+//! ```
+//!
+//! The outcome is decided here and only here, under one lock: whatever
+//! this side answers to `QueryOutcome` is final, and the source follows
+//! it. `Failed` is only declared after the relay has stopped forwarding
+//! the return path and QEMU was seen not running — QEMU sends the SHUT
+//! that lets the source complete only after it started the guest, so a
+//! source can never have completed towards a destination that then fails.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use godwit_qemu::{LaunchMode, VmSpec};
+use godwit_wire::{ControlResponse, ErrorCode, Frame, IncomingOutcome, MemoryOpen, VersionRange};
+use tokio::net::UnixStream;
+use tokio::sync::watch;
+use tracing::{info, warn, Instrument};
+
+use crate::api::types::VmState;
+use crate::relay::{read_first_frame, run_destination, write_frame, RelayStats};
+use crate::vm::VmHandle;
+use crate::Agent;
+
+/// How often the destination checks whether its QEMU finished loading.
+const WATCH_INTERVAL: Duration = Duration::from_millis(50);
+
+/// One incoming migration.
+pub struct IncomingJob {
+    /// Migration id.
+    pub id: String,
+    /// Source agent.
+    pub from: String,
+    /// The destination VM (QEMU waiting for the stream).
+    pub vm: Arc<VmHandle>,
+    /// QEMU's incoming socket.
+    pub socket: PathBuf,
+    /// Relay counters.
+    pub relay: Arc<RelayStats>,
+    started: Instant,
+    stream_taken: AtomicBool,
+    outcome: Mutex<IncomingOutcome>,
+    cancel: watch::Sender<Option<String>>,
+}
+
+impl IncomingJob {
+    /// What happened so far.
+    pub fn outcome(&self) -> IncomingOutcome {
+        self.outcome
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+fn error(code: ErrorCode, message: impl Into<String>) -> ControlResponse {
+    ControlResponse::Error {
+        code,
+        message: message.into(),
+    }
+}
+
+/// Handles `PrepareIncoming`: launch QEMU waiting for the stream.
+pub async fn prepare(
+    agent: &Arc<Agent>,
+    from: &str,
+    migration_id: String,
+    vm: serde_json::Value,
+    direct: bool,
+) -> ControlResponse {
+    let spec: VmSpec = match serde_json::from_value(vm) {
+        Ok(s) => s,
+        Err(e) => return error(ErrorCode::BadRequest, format!("VM spec: {e}")),
+    };
+    if let Err(e) = spec.validate() {
+        return error(ErrorCode::BadRequest, e.to_string());
+    }
+    if agent.migrations.incoming(&migration_id).is_some() {
+        return error(
+            ErrorCode::Conflict,
+            format!("migration {migration_id} is already known here"),
+        );
+    }
+    let name = spec.name.clone();
+    let vm = match agent.vms.launch(spec, LaunchMode::Incoming).await {
+        Ok(h) => h,
+        Err(crate::vm::VmError::Exists(n)) => {
+            return error(
+                ErrorCode::Conflict,
+                format!("a VM named {n:?} already runs on {}", agent.cfg.name),
+            )
+        }
+        Err(e) => return error(ErrorCode::Internal, crate::error_chain(&e)),
+    };
+    let socket = agent.cfg.run_dir.join(format!("in-{migration_id}.sock"));
+    let _ = std::fs::remove_file(&socket);
+    let uri = if direct {
+        // QEMU binds the port itself; ask the kernel for a free one first.
+        match std::net::TcpListener::bind((agent.cfg.listen.ip(), 0)).and_then(|l| l.local_addr()) {
+            Ok(a) => format!("tcp:{a}"),
+            Err(e) => {
+                agent.vms.remove(&vm).await;
+                return error(
+                    ErrorCode::Internal,
+                    format!("no TCP port for a direct migration: {e}"),
+                );
+            }
+        }
+    } else {
+        format!("unix:{}", socket.display())
+    };
+    let setup = async {
+        vm.qmp(
+            "migrate-set-capabilities",
+            serde_json::json!({"capabilities": [{"capability": "events", "state": true}]}),
+        )
+        .await?;
+        vm.qmp("migrate-incoming", serde_json::json!({"uri": uri}))
+            .await
+    };
+    if let Err(e) = setup.await {
+        agent.vms.remove(&vm).await;
+        return error(ErrorCode::Internal, crate::error_chain(&e));
+    }
+    let (cancel, _) = watch::channel(None);
+    let job = Arc::new(IncomingJob {
+        id: migration_id.clone(),
+        from: from.into(),
+        vm,
+        socket,
+        relay: Arc::new(RelayStats::default()),
+        started: Instant::now(),
+        // A direct migration never gets a relayed stream.
+        stream_taken: AtomicBool::new(direct),
+        outcome: Mutex::new(IncomingOutcome::Loading),
+        cancel,
+    });
+    agent.migrations.add_incoming(job.clone());
+    info!(
+        migration = migration_id,
+        vm = name,
+        from,
+        "prepared incoming migration"
+    );
+    let a = agent.clone();
+    let span = tracing::info_span!("incoming", migration = %migration_id, vm = %name);
+    tokio::spawn(watch_job(a, job).instrument(span));
+    ControlResponse::Prepared {
+        migration_id,
+        direct_uri: direct.then_some(uri),
+    }
+}
+
+/// Declares the incoming side failed — unless QEMU already runs the guest,
+/// in which case it is ours (see the module docs for why this is safe).
+async fn settle_failure(agent: &Agent, job: &IncomingJob, reason: String) -> IncomingOutcome {
+    let _ = job.cancel.send(Some(reason.clone()));
+    let running = !job.vm.qmp.is_closed()
+        && matches!(
+            tokio::time::timeout(Duration::from_secs(2), job.vm.qemu_status()).await,
+            Ok(Ok((_, true)))
+        );
+    let decided = {
+        let mut o = job.outcome.lock().unwrap_or_else(|p| p.into_inner());
+        match &*o {
+            IncomingOutcome::Loading if running => {
+                *o = IncomingOutcome::Running;
+            }
+            IncomingOutcome::Loading | IncomingOutcome::Unknown => {
+                *o = IncomingOutcome::Failed {
+                    reason: reason.clone(),
+                };
+            }
+            _ => {}
+        }
+        o.clone()
+    };
+    match &decided {
+        IncomingOutcome::Failed { .. } => {
+            warn!(
+                migration = job.id,
+                cause = reason,
+                "incoming migration failed; discarding destination QEMU"
+            );
+            agent.vms.remove(&job.vm).await;
+        }
+        IncomingOutcome::Running => adopt(agent, job),
+        _ => {}
+    }
+    decided
+}
+
+fn adopt(agent: &Agent, job: &IncomingJob) {
+    if job.vm.state() != VmState::Running {
+        agent.vms.set_state(&job.vm, VmState::Running);
+        agent.metrics.incoming_completed.inc();
+        info!(
+            migration = job.id,
+            vm = job.vm.spec.name,
+            "VM runs here now"
+        );
+    }
+}
+
+/// Waits for the destination QEMU to start the guest, to die, or for the
+/// stream never to arrive.
+async fn watch_job(agent: Arc<Agent>, job: Arc<IncomingJob>) {
+    let no_stream_limit = Duration::from_secs(agent.cfg.migration.incoming_timeout_s);
+    let total_limit = agent.cfg.migration_timeout() + Duration::from_secs(60);
+    loop {
+        tokio::time::sleep(WATCH_INTERVAL).await;
+        if !matches!(job.outcome(), IncomingOutcome::Loading) {
+            return;
+        }
+        if job.vm.qmp.is_closed() {
+            settle_failure(
+                &agent,
+                &job,
+                "destination QEMU exited while loading the state".into(),
+            )
+            .await;
+            return;
+        }
+        if let Ok(Ok((_, true))) =
+            tokio::time::timeout(Duration::from_secs(2), job.vm.qemu_status()).await
+        {
+            let newly = {
+                let mut o = job.outcome.lock().unwrap_or_else(|p| p.into_inner());
+                if matches!(*o, IncomingOutcome::Loading) {
+                    *o = IncomingOutcome::Running;
+                    true
+                } else {
+                    false
+                }
+            };
+            if newly {
+                adopt(&agent, &job);
+            }
+            return;
+        }
+        let waited = job.started.elapsed();
+        if !job.stream_taken.load(Ordering::SeqCst) && waited > no_stream_limit {
+            settle_failure(
+                &agent,
+                &job,
+                format!("no migration stream arrived within {no_stream_limit:?}"),
+            )
+            .await;
+            return;
+        }
+        if waited > total_limit {
+            settle_failure(
+                &agent,
+                &job,
+                format!("the migration did not finish within {total_limit:?}"),
+            )
+            .await;
+            return;
+        }
+    }
+}
+
+/// Handles a `Memory` stream: connects it to the waiting QEMU.
+pub async fn accept_memory_stream(
+    agent: Arc<Agent>,
+    peer: String,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let refuse = |why: String| Frame::Abort(why);
+    let open = match read_first_frame(&mut recv).await {
+        Ok(f @ Frame::Open(_)) => f,
+        Ok(other) => {
+            let _ = write_frame(
+                &mut send,
+                &refuse(format!("expected an open frame, got {:?}", other.kind())),
+            )
+            .await;
+            return;
+        }
+        Err(e) => {
+            warn!(peer, cause = %e, "memory stream without a header");
+            return;
+        }
+    };
+    let header: MemoryOpen = match open.json() {
+        Ok(h) => h,
+        Err(e) => {
+            let _ = write_frame(&mut send, &refuse(format!("bad memory stream header: {e}"))).await;
+            return;
+        }
+    };
+    if let Err(e) = VersionRange::ours().negotiate(header.versions) {
+        let _ = write_frame(&mut send, &refuse(e.to_string())).await;
+        return;
+    }
+    let Some(job) = agent.migrations.incoming(&header.migration_id) else {
+        let _ = write_frame(
+            &mut send,
+            &refuse(format!("unknown migration {}", header.migration_id)),
+        )
+        .await;
+        return;
+    };
+    if job.from != peer {
+        let _ = write_frame(
+            &mut send,
+            &refuse("migration belongs to another peer".into()),
+        )
+        .await;
+        return;
+    }
+    if job.stream_taken.swap(true, Ordering::SeqCst)
+        || !matches!(job.outcome(), IncomingOutcome::Loading)
+    {
+        let _ = write_frame(
+            &mut send,
+            &refuse("migration stream already attached or finished".into()),
+        )
+        .await;
+        return;
+    }
+    // QEMU listens once migrate-incoming returned; allow it a moment.
+    let mut qemu = None;
+    for _ in 0..100 {
+        match UnixStream::connect(&job.socket).await {
+            Ok(s) => {
+                qemu = Some(s);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    let Some(qemu) = qemu else {
+        let why = format!(
+            "cannot connect to the destination QEMU at {}",
+            job.socket.display()
+        );
+        let _ = write_frame(&mut send, &refuse(why.clone())).await;
+        settle_failure(&agent, &job, why).await;
+        return;
+    };
+    if let Err(e) = write_frame(&mut send, &Frame::control(&ControlResponse::Ok)).await {
+        settle_failure(&agent, &job, format!("answering the source: {e}")).await;
+        return;
+    }
+    let cancel = job.cancel.subscribe();
+    let result = run_destination(qemu, recv, send, job.relay.clone(), cancel).await;
+    agent
+        .metrics
+        .relay_rx_bytes
+        .add(job.relay.stream_bytes.load(Ordering::Relaxed));
+    match result {
+        Ok(()) => info!(migration = job.id, "migration stream finished"),
+        Err(e) => {
+            let outcome = settle_failure(
+                &agent,
+                &job,
+                format!("migration stream: {}", crate::error_chain(&e)),
+            )
+            .await;
+            info!(
+                migration = job.id,
+                ?outcome,
+                "migration stream ended with an error"
+            );
+        }
+    }
+}
+
+/// Handles `QueryOutcome`.
+pub fn query(agent: &Agent, id: &str) -> ControlResponse {
+    let outcome = agent
+        .migrations
+        .incoming(id)
+        .map(|j| j.outcome())
+        .unwrap_or(IncomingOutcome::Unknown);
+    ControlResponse::Outcome {
+        migration_id: id.into(),
+        outcome,
+    }
+}
+
+/// Handles `AbortIncoming`.
+pub async fn abort(agent: &Agent, id: &str, reason: String) -> ControlResponse {
+    let outcome = match agent.migrations.incoming(id) {
+        Some(job) => settle_failure(agent, &job, format!("aborted by the source: {reason}")).await,
+        None => IncomingOutcome::Unknown,
+    };
+    ControlResponse::Outcome {
+        migration_id: id.into(),
+        outcome,
+    }
+}
+
+/// Handles `Commit`: the source retired its copy.
+pub fn commit(agent: &Agent, id: &str) -> ControlResponse {
+    match agent.migrations.incoming(id) {
+        Some(job) if matches!(job.outcome(), IncomingOutcome::Running) => {
+            info!(
+                migration = id,
+                vm = job.vm.spec.name,
+                "source retired its copy"
+            );
+            ControlResponse::Ok
+        }
+        Some(job) => error(
+            ErrorCode::Conflict,
+            format!("migration {id} is {:?}, not running", job.outcome()),
+        ),
+        None => error(ErrorCode::NotFound, format!("unknown migration {id}")),
+    }
+}

@@ -1,0 +1,635 @@
+//! The source's side of a migration: prepare the destination, point QEMU
+//! at the relay, watch progress, and decide the outcome.
+//!
+//! ```mermaid
+//! stateDiagram-v2
+//!   [*] --> Preparing
+//!   Preparing --> Transferring: destination QEMU waits; memory stream open
+//!   Preparing --> Failed: destination refused or unreachable
+//!   Transferring --> Switchover: QEMU paused the guest
+//!   Transferring --> Failed: error while the guest still runs here
+//!   Switchover --> Completed: QEMU completed (destination sent SHUT)
+//!   Switchover --> Deciding: error after the guest paused
+//!   Deciding --> Completed: destination says running
+//!   Deciding --> Failed: destination says failed; guest resumes here
+//!   Deciding --> Undecided: destination unreachable until the deadline
+//! ```
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use godwit_transport::StreamPurpose;
+use godwit_wire::{
+    ControlRequest, ControlResponse, Frame, IncomingOutcome, MemoryOpen, VersionRange,
+};
+use serde_json::{json, Value};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+use tracing::{info, warn, Instrument};
+
+use super::{new_id, MigrationError, MigrationJob};
+use crate::api::types::{
+    MigrationPhase, MigrationProgress, MigrationReport, StartMigration, VmState,
+};
+use crate::config::PeerEntry;
+use crate::relay::{read_first_frame, run_source, write_frame, RelayError};
+use crate::vm::VmHandle;
+use crate::Agent;
+
+/// How often QEMU's progress is sampled.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
+/// Time allowed for the destination to launch its QEMU.
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Time allowed for QEMU to connect to the relay socket after `migrate`.
+const ACCEPT_TIMEOUT: Duration = Duration::from_secs(15);
+/// QEMU's `max-bandwidth`, bytes/s: effectively unlimited, because the
+/// relay's flow window is what paces QEMU (see `godwit_wire::window`).
+const MAX_BANDWIDTH: u64 = 100_000_000_000;
+
+/// Validates the request and starts the migration in the background.
+pub async fn start(
+    agent: &Arc<Agent>,
+    req: StartMigration,
+) -> Result<Arc<MigrationJob>, MigrationError> {
+    let peer = agent.peers.resolve(&req.to)?;
+    let vm = agent.vms.begin_migration(&req.vm)?;
+    let mut job = MigrationJob::new(
+        new_id(),
+        req.vm.clone(),
+        agent.cfg.name.clone(),
+        peer.name.clone(),
+        peer.site.clone(),
+    );
+    job.direct = req.direct;
+    let job = Arc::new(job);
+    agent.migrations.add_outgoing(job.clone());
+    agent.metrics.migrations_started.inc();
+    info!(
+        migration = job.id,
+        vm = req.vm,
+        to = peer.name,
+        "migration started"
+    );
+    let a = agent.clone();
+    let j = job.clone();
+    let span = tracing::info_span!("migration", id = %job.id, vm = %req.vm, to = %peer.name);
+    tokio::spawn(async move { run(a, j, vm, peer, req).await }.instrument(span));
+    Ok(job)
+}
+
+/// How a migration ended.
+enum Ending {
+    /// The VM runs at the destination.
+    Completed,
+    /// The VM runs here.
+    Failed(String),
+    /// Nobody knows; the VM is paused here, the socket is held.
+    Undecided(String, UnixStream),
+}
+
+async fn run(
+    agent: Arc<Agent>,
+    job: Arc<MigrationJob>,
+    vm: Arc<VmHandle>,
+    peer: PeerEntry,
+    req: StartMigration,
+) {
+    let ending = drive(&agent, &job, &vm, &peer, &req).await;
+    let last = last_stats(&vm).await;
+    let mut report = build_report(&job, &vm, last.as_ref());
+    match ending {
+        Ending::Completed => {
+            report.success = true;
+            // Tell the destination it owns the VM, then retire our copy.
+            let commit = ControlRequest::Commit {
+                migration_id: job.id.clone(),
+            };
+            if let Err(e) = agent
+                .peers
+                .call(&peer, commit, Duration::from_secs(5))
+                .await
+            {
+                warn!(cause = %crate::error_chain(&e), "could not confirm the commit to the destination (it owns the VM anyway)");
+            }
+            agent.vms.remove(&vm).await;
+            agent.metrics.migrations_completed.inc();
+            info!(total_ms = report.total_ms, downtime_ms = ?report.downtime_ms, wire_bytes = report.wire_bytes, "migration completed");
+            job.finish(MigrationPhase::Completed, report, None);
+        }
+        Ending::Failed(why) => {
+            agent.vms.set_state(&vm, VmState::Running);
+            agent.metrics.migrations_failed.inc();
+            warn!(cause = why, "migration failed; the VM keeps running here");
+            job.finish(MigrationPhase::Failed, report, Some(why));
+        }
+        Ending::Undecided(why, socket) => {
+            agent.metrics.migrations_failed.inc();
+            warn!(cause = why, "migration undecided; the VM stays paused here");
+            job.finish(MigrationPhase::Undecided, report, Some(why));
+            // Holding the socket keeps QEMU from failing the migration and
+            // resuming a guest that may run at the destination.
+            agent
+                .held_sockets
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(socket);
+        }
+    }
+}
+
+async fn drive(
+    agent: &Arc<Agent>,
+    job: &Arc<MigrationJob>,
+    vm: &Arc<VmHandle>,
+    peer: &PeerEntry,
+    req: &StartMigration,
+) -> Ending {
+    // 1. The destination launches QEMU waiting for the stream.
+    let spec = match serde_json::to_value(&vm.spec) {
+        Ok(v) => v,
+        Err(e) => return Ending::Failed(format!("cannot serialise the VM spec: {e}")),
+    };
+    let prep = ControlRequest::PrepareIncoming {
+        migration_id: job.id.clone(),
+        vm: spec,
+        direct: req.direct,
+    };
+    let direct_uri = match agent.peers.call(peer, prep, PREPARE_TIMEOUT).await {
+        Ok(ControlResponse::Prepared { direct_uri, .. }) => direct_uri,
+        Ok(ControlResponse::Error { message, .. }) => {
+            return Ending::Failed(format!("destination {} refused: {message}", peer.name))
+        }
+        Ok(other) => {
+            return Ending::Failed(format!("destination {} answered {other:?}", peer.name))
+        }
+        Err(e) => return Ending::Failed(crate::error_chain(&e)),
+    };
+    let result = match (req.direct, direct_uri) {
+        (false, _) => transfer(agent, job, vm, peer, req).await,
+        (true, Some(uri)) => transfer_direct(agent, job, vm, peer, req, &uri).await,
+        (true, None) => Err(MigrationError::Refused {
+            peer: peer.name.clone(),
+            message: "the destination did not offer a direct address".into(),
+        }),
+    };
+    match result {
+        Ok(ending) => ending,
+        Err(e) => {
+            let why = crate::error_chain(&e);
+            abort_destination(agent, peer, &job.id, &why).await;
+            Ending::Failed(why)
+        }
+    }
+}
+
+/// Sets QEMU's migration capabilities and parameters for this migration.
+async fn configure_qemu(
+    agent: &Agent,
+    vm: &VmHandle,
+    req: &StartMigration,
+) -> Result<(), MigrationError> {
+    let caps: Vec<Value> = [
+        ("events", true),
+        ("return-path", true),
+        ("auto-converge", agent.cfg.migration.auto_converge),
+        ("xbzrle", false),
+        ("multifd", false),
+        ("postcopy-ram", false),
+    ]
+    .iter()
+    .map(|(c, s)| json!({"capability": c, "state": s}))
+    .collect();
+    vm.qmp("migrate-set-capabilities", json!({ "capabilities": caps }))
+        .await?;
+    let downtime = req
+        .downtime_limit_ms
+        .unwrap_or(agent.cfg.migration.downtime_limit_ms);
+    vm.qmp(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": MAX_BANDWIDTH, "downtime-limit": downtime}),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Baseline path: QEMU to QEMU over plain TCP through the same network,
+/// with the same QEMU settings, so the relay can be compared with it.
+async fn transfer_direct(
+    agent: &Arc<Agent>,
+    job: &Arc<MigrationJob>,
+    vm: &Arc<VmHandle>,
+    peer: &PeerEntry,
+    req: &StartMigration,
+    uri: &str,
+) -> Result<Ending, MigrationError> {
+    // The destination names its port; its address is the one we reach it at.
+    let port = uri.rsplit(':').next().unwrap_or_default();
+    let uri = format!("tcp:{}:{port}", peer.addr.ip());
+    configure_qemu(agent, vm, req).await?;
+    vm.qmp("migrate", json!({ "uri": uri })).await?;
+    job.set_phase(MigrationPhase::Transferring);
+    let timeout_s = req.timeout_s.unwrap_or(agent.cfg.migration.timeout_s);
+    let deadline = Instant::now() + Duration::from_secs(timeout_s);
+    loop {
+        tokio::time::sleep(PROGRESS_INTERVAL).await;
+        let Some(stats) = last_stats(vm).await else {
+            return Err(MigrationError::Qemu {
+                status: "unknown".into(),
+                desc: "QEMU stopped answering".into(),
+            });
+        };
+        let status = str_field(&stats, "status").unwrap_or_default();
+        let mut p = progress_from(job, &stats);
+        p.wire_bytes = p.transferred_bytes;
+        job.relay
+            .stream_bytes
+            .store(p.transferred_bytes, Ordering::Relaxed);
+        job.relay
+            .wire_tx
+            .store(p.transferred_bytes, Ordering::Relaxed);
+        job.set_progress(p);
+        match status.as_str() {
+            "completed" => return Ok(Ending::Completed),
+            "failed" | "cancelled" => {
+                ensure_running(vm).await;
+                return Err(MigrationError::Qemu {
+                    status,
+                    desc: str_field(&stats, "error-desc").unwrap_or_default(),
+                });
+            }
+            "active" | "setup" => {}
+            _ => {
+                if job.phase() == MigrationPhase::Transferring {
+                    job.set_phase(MigrationPhase::Switchover);
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            let _ = vm.qmp("migrate_cancel", json!({})).await;
+            wait_qemu_terminal(vm).await;
+            if migration_status(vm).await.as_deref() == Some("completed") {
+                return Ok(Ending::Completed);
+            }
+            ensure_running(vm).await;
+            return Err(MigrationError::Timeout(timeout_s));
+        }
+    }
+}
+
+async fn abort_destination(agent: &Agent, peer: &PeerEntry, id: &str, why: &str) {
+    let req = ControlRequest::AbortIncoming {
+        migration_id: id.into(),
+        reason: why.into(),
+    };
+    if let Err(e) = agent.peers.call(peer, req, Duration::from_secs(5)).await {
+        // The destination also discards its QEMU when the stream breaks or
+        // never arrives, so this is only a courtesy.
+        warn!(cause = %crate::error_chain(&e), "could not tell the destination to abort");
+    }
+}
+
+/// Steps 2-4: open the stream, start QEMU's migration, relay, decide.
+/// An `Err` means the guest never paused: it still runs here.
+async fn transfer(
+    agent: &Arc<Agent>,
+    job: &Arc<MigrationJob>,
+    vm: &Arc<VmHandle>,
+    peer: &PeerEntry,
+    req: &StartMigration,
+) -> Result<Ending, MigrationError> {
+    // 2. The memory stream, accepted by the destination before QEMU starts.
+    let conn = agent.peers.connection(peer).await?;
+    let (mut send, mut recv) = conn.open(StreamPurpose::Memory).await.map_err(|source| {
+        crate::peer::PeerError::Transport {
+            peer: peer.name.clone(),
+            source,
+        }
+    })?;
+    let open = MemoryOpen {
+        versions: VersionRange::ours(),
+        migration_id: job.id.clone(),
+    };
+    write_frame(&mut send, &Frame::open(&open))
+        .await
+        .map_err(MigrationError::Relay)?;
+    match read_first_frame(&mut recv)
+        .await
+        .map_err(MigrationError::Relay)?
+    {
+        Frame::Control(_) => {}
+        Frame::Abort(why) => {
+            return Err(MigrationError::Refused {
+                peer: peer.name.clone(),
+                message: why,
+            })
+        }
+        other => {
+            return Err(MigrationError::Relay(RelayError::Protocol(format!(
+                "unexpected {:?} frame",
+                other.kind()
+            ))))
+        }
+    }
+
+    // 3. QEMU migrates into our socket.
+    let path = agent.cfg.run_dir.join(format!("out-{}.sock", job.id));
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).map_err(|source| MigrationError::Io {
+        what: format!("binding the relay socket {}", path.display()),
+        source,
+    })?;
+    configure_qemu(agent, vm, req).await?;
+    vm.qmp(
+        "migrate",
+        json!({"uri": format!("unix:{}", path.display())}),
+    )
+    .await?;
+    let accepted = tokio::time::timeout(ACCEPT_TIMEOUT, listener.accept()).await;
+    let _ = std::fs::remove_file(&path);
+    let mut qemu = match accepted {
+        Ok(Ok((s, _))) => s,
+        Ok(Err(source)) => {
+            return Err(MigrationError::Io {
+                what: "accepting QEMU's migration connection".into(),
+                source,
+            })
+        }
+        Err(_) => {
+            let _ = vm.qmp("migrate_cancel", json!({})).await;
+            return Err(MigrationError::Io {
+                what: "QEMU did not connect to the relay socket".into(),
+                source: std::io::Error::from(std::io::ErrorKind::TimedOut),
+            });
+        }
+    };
+    job.set_phase(MigrationPhase::Transferring);
+
+    // 4. Relay, while sampling QEMU's progress.
+    let timeout_s = req.timeout_s.unwrap_or(agent.cfg.migration.timeout_s);
+    let deadline = Instant::now() + Duration::from_secs(timeout_s);
+    let (cancel_tx, cancel_rx) = watch::channel(None);
+    let rtt_conn = conn.clone();
+    let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
+    let mut timed_out = false;
+    let result = {
+        let relay = run_source(
+            &mut qemu,
+            recv,
+            send,
+            move || rtt_conn.rtt(),
+            job.relay.clone(),
+            cancel_rx,
+        );
+        tokio::pin!(relay);
+        loop {
+            tokio::select! {
+                r = &mut relay => break r,
+                _ = tick.tick() => {
+                    if let Some(stats) = last_stats(vm).await {
+                        let status = str_field(&stats, "status").unwrap_or_default();
+                        if status != "active" && status != "setup" && job.phase() == MigrationPhase::Transferring {
+                            job.set_phase(MigrationPhase::Switchover);
+                        }
+                        job.set_progress(progress_from(job, &stats));
+                    }
+                    if !timed_out && Instant::now() > deadline {
+                        timed_out = true;
+                        let _ = cancel_tx.send(Some(format!("the migration did not finish within {timeout_s} s")));
+                    }
+                }
+            }
+        }
+    };
+    agent
+        .metrics
+        .relay_tx_bytes
+        .add(job.relay.stream_bytes.load(Ordering::Relaxed));
+
+    // 5. Decide.
+    match result {
+        Ok(()) => match wait_qemu_terminal(vm).await {
+            Some((s, _)) if s == "completed" => Ok(Ending::Completed),
+            Some((s, desc)) => {
+                ensure_running(vm).await;
+                Err(MigrationError::Qemu { status: s, desc })
+            }
+            None => Ok(decide_after_pause(
+                agent,
+                job,
+                vm,
+                peer,
+                qemu,
+                "QEMU did not report an end".into(),
+            )
+            .await),
+        },
+        Err(relay_err) => {
+            let why = if timed_out {
+                format!("the migration did not finish within {timeout_s} s")
+            } else {
+                crate::error_chain(&relay_err)
+            };
+            // The destination's SHUT may have arrived just before the error.
+            if migration_status(vm).await.as_deref() == Some("completed") {
+                return Ok(Ending::Completed);
+            }
+            match vm.qemu_status().await {
+                Ok((_, true)) => {
+                    // The guest never paused: the destination cannot hold
+                    // its device state. Cancel and keep running here.
+                    drop(qemu);
+                    let _ = vm.qmp("migrate_cancel", json!({})).await;
+                    wait_qemu_terminal(vm).await;
+                    ensure_running(vm).await;
+                    if timed_out {
+                        Err(MigrationError::Timeout(timeout_s))
+                    } else {
+                        Err(MigrationError::Relay(relay_err))
+                    }
+                }
+                _ => Ok(decide_after_pause(agent, job, vm, peer, qemu, why).await),
+            }
+        }
+    }
+}
+
+/// The guest is paused here and the stream broke: ask the destination.
+async fn decide_after_pause(
+    agent: &Arc<Agent>,
+    job: &MigrationJob,
+    vm: &Arc<VmHandle>,
+    peer: &PeerEntry,
+    qemu: UnixStream,
+    why: String,
+) -> Ending {
+    job.set_phase(MigrationPhase::Deciding);
+    warn!(
+        cause = why,
+        "stream failed after the guest paused; asking the destination"
+    );
+    let deadline = Instant::now() + Duration::from_secs(agent.cfg.migration.decision_timeout_s);
+    loop {
+        let q = ControlRequest::QueryOutcome {
+            migration_id: job.id.clone(),
+        };
+        match agent.peers.call(peer, q, Duration::from_secs(5)).await {
+            Ok(ControlResponse::Outcome {
+                outcome: IncomingOutcome::Running,
+                ..
+            }) => {
+                // Kill our QEMU while still holding its socket, so it can
+                // never resume the guest.
+                let _ = godwit_qemu::terminate(&vm.instance, None, Duration::ZERO).await;
+                drop(qemu);
+                return Ending::Completed;
+            }
+            Ok(ControlResponse::Outcome {
+                outcome: IncomingOutcome::Failed { reason },
+                ..
+            }) => {
+                drop(qemu);
+                wait_qemu_terminal(vm).await;
+                ensure_running(vm).await;
+                return Ending::Failed(format!("{why}; destination: {reason}"));
+            }
+            Ok(ControlResponse::Outcome {
+                outcome: IncomingOutcome::Unknown,
+                ..
+            }) => {
+                // The destination has no record: nothing runs there.
+                drop(qemu);
+                wait_qemu_terminal(vm).await;
+                ensure_running(vm).await;
+                return Ending::Failed(format!(
+                    "{why}; the destination has no record of the migration"
+                ));
+            }
+            Ok(_) | Err(_) => {}
+        }
+        if Instant::now() > deadline {
+            return Ending::Undecided(
+                format!("{why}; destination unreachable: the VM stays paused here until an operator decides"),
+                qemu,
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Resumes the guest if QEMU left it paused after a failed migration.
+async fn ensure_running(vm: &VmHandle) {
+    for _ in 0..50 {
+        match vm.qemu_status().await {
+            Ok((_, true)) => return,
+            Ok((status, false)) => {
+                // QEMU resumes by itself after a failed precopy; `cont`
+                // covers the states where it does not.
+                if status != "finish-migrate" {
+                    let _ = vm.qmp("cont", json!({})).await;
+                }
+            }
+            Err(_) => return,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn last_stats(vm: &VmHandle) -> Option<Value> {
+    tokio::time::timeout(Duration::from_secs(2), vm.qmp("query-migrate", json!({})))
+        .await
+        .ok()?
+        .ok()
+}
+
+async fn migration_status(vm: &VmHandle) -> Option<String> {
+    last_stats(vm).await.and_then(|v| str_field(&v, "status"))
+}
+
+/// Waits (bounded) for QEMU's migration to reach an end state; returns it
+/// with QEMU's error description.
+async fn wait_qemu_terminal(vm: &VmHandle) -> Option<(String, String)> {
+    for _ in 0..100 {
+        if let Some(v) = last_stats(vm).await {
+            let s = str_field(&v, "status").unwrap_or_default();
+            if matches!(s.as_str(), "completed" | "failed" | "cancelled") {
+                return Some((s, str_field(&v, "error-desc").unwrap_or_default()));
+            }
+        } else if vm.qmp.is_closed() {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
+fn str_field(v: &Value, k: &str) -> Option<String> {
+    v.get(k).and_then(Value::as_str).map(str::to_owned)
+}
+
+fn u64_field(v: &Value, path: &[&str]) -> Option<u64> {
+    let mut cur = v;
+    for p in path {
+        cur = cur.get(p)?;
+    }
+    cur.as_u64().or_else(|| cur.as_f64().map(|f| f as u64))
+}
+
+fn progress_from(job: &MigrationJob, v: &Value) -> MigrationProgress {
+    let page = u64_field(v, &["ram", "page-size"]).unwrap_or(4096);
+    let rate_bps = v
+        .pointer("/ram/mbps")
+        .and_then(Value::as_f64)
+        .unwrap_or(0.0)
+        * 1e6;
+    let remaining = u64_field(v, &["ram", "remaining"]).unwrap_or(0);
+    let dirty = u64_field(v, &["ram", "dirty-pages-rate"]).unwrap_or(0) as f64 * page as f64;
+    let eta_ms = if rate_bps > 0.0 {
+        let net = rate_bps / 8.0 - dirty;
+        (net > 0.0).then(|| (remaining as f64 / net * 1000.0) as u64)
+    } else {
+        None
+    };
+    MigrationProgress {
+        elapsed_ms: job.started.elapsed().as_millis() as u64,
+        qemu_status: str_field(v, "status"),
+        ram_total_bytes: u64_field(v, &["ram", "total"]).unwrap_or(0),
+        transferred_bytes: u64_field(v, &["ram", "transferred"]).unwrap_or(0),
+        remaining_bytes: remaining,
+        rate_bps,
+        dirty_rate_bps: dirty * 8.0,
+        expected_downtime_ms: u64_field(v, &["expected-downtime"]),
+        eta_ms,
+        passes: u64_field(v, &["ram", "dirty-sync-count"]).unwrap_or(0),
+        wire_bytes: job.relay.wire_bytes(),
+        cpu_throttle_pct: u64_field(v, &["cpu-throttle-percentage"]),
+    }
+}
+
+fn build_report(job: &MigrationJob, vm: &VmHandle, last: Option<&Value>) -> MigrationReport {
+    let wire = job.relay.wire_bytes();
+    let ram_mib = vm.spec.memory_mib;
+    MigrationReport {
+        success: false,
+        total_ms: job.started.elapsed().as_millis() as u64,
+        downtime_ms: last.and_then(|v| u64_field(v, &["downtime"])),
+        setup_ms: last.and_then(|v| u64_field(v, &["setup-time"])),
+        qemu_total_ms: last.and_then(|v| u64_field(v, &["total-time"])),
+        wire_bytes: wire,
+        stream_bytes: job.relay.stream_bytes.load(Ordering::Relaxed),
+        ram_mib,
+        wire_bytes_per_gib: if ram_mib > 0 {
+            wire as f64 * 1024.0 / ram_mib as f64
+        } else {
+            0.0
+        },
+        mode: if job.direct {
+            "qemu-direct".into()
+        } else {
+            "relay".into()
+        },
+        passes: last
+            .and_then(|v| u64_field(v, &["ram", "dirty-sync-count"]))
+            .unwrap_or(0),
+    }
+}

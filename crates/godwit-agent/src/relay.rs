@@ -1,0 +1,494 @@
+//! Relay pumps: carry QEMU's migration stream between a local unix socket
+//! and a peer stream, byte for byte, in both directions.
+//!
+//! The source pump reads QEMU's outgoing stream only while the
+//! [`RelayWindow`] allows, so agent buffers stay near the path's
+//! bandwidth-delay product and QEMU's bandwidth estimate (and therefore its
+//! switch-over decision) reflects the WAN, not a local socket. The
+//! destination pump writes into its QEMU and acknowledges what it wrote.
+//! The return path (destination QEMU → source QEMU: PONG, SHUT) flows the
+//! other way unbatched, and is never synthesised: the source QEMU reports
+//! completion only after the destination really loaded the state.
+//!
+//! Both pumps are generic over tokio's `AsyncRead`/`AsyncWrite`, so tests
+//! run them over in-memory pipes; in the agent they sit between a
+//! `UnixStream` and a QUIC stream pair.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use godwit_wire::{Frame, FrameCodec, RelayWindow};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+
+/// Largest chunk of QEMU's stream put into one frame.
+pub const CHUNK: usize = 64 << 10;
+/// How long the source waits for the destination's end of stream after
+/// its own QEMU closed the socket (the destination QEMU closes right after
+/// its SHUT message, so this is generous).
+pub const END_GRACE: Duration = Duration::from_secs(30);
+/// The destination acknowledges at least this often (in relayed bytes),
+/// and also whenever it has no complete frame left to process: acks that
+/// wait for an idle moment would stall a window-limited source.
+pub const ACK_EVERY: u64 = 256 << 10;
+/// How often the source refreshes its RTT sample.
+const RTT_TICK: Duration = Duration::from_millis(50);
+
+/// Errors that end a relay.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// Reading or writing the local QEMU socket failed.
+    #[error("local QEMU socket failed")]
+    Qemu(#[source] std::io::Error),
+    /// Reading or writing the peer stream failed (link cut, peer gone).
+    #[error("peer stream failed")]
+    Peer(#[source] std::io::Error),
+    /// The peer closed the stream without an orderly end.
+    #[error("peer closed the stream without finishing it")]
+    PeerClosed,
+    /// The peer aborted the migration.
+    #[error("peer aborted: {0}")]
+    PeerAborted(String),
+    /// The peer sent something that is not a valid frame here.
+    #[error("protocol violation by peer: {0}")]
+    Protocol(String),
+    /// The relay was cancelled locally.
+    #[error("relay cancelled: {0}")]
+    Cancelled(String),
+    /// The destination did not finish its side in time.
+    #[error("peer did not end its stream within {0:?}")]
+    EndTimeout(Duration),
+}
+
+/// Counters of one relay, readable while it runs.
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    /// QEMU stream bytes carried towards the destination.
+    pub stream_bytes: AtomicU64,
+    /// Return-path bytes carried towards the source.
+    pub return_bytes: AtomicU64,
+    /// Framed bytes written to the peer stream.
+    pub wire_tx: AtomicU64,
+    /// Framed bytes read from the peer stream.
+    pub wire_rx: AtomicU64,
+    /// Current flow window, bytes (source only).
+    pub window: AtomicU64,
+}
+
+impl RelayStats {
+    /// Framed bytes in both directions.
+    pub fn wire_bytes(&self) -> u64 {
+        self.wire_tx.load(Ordering::Relaxed) + self.wire_rx.load(Ordering::Relaxed)
+    }
+}
+
+/// Reads frames from a peer stream.
+struct FrameReader<R> {
+    rd: R,
+    buf: BytesMut,
+    eof: bool,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    fn new(rd: R) -> Self {
+        Self {
+            rd,
+            buf: BytesMut::with_capacity(2 * CHUNK),
+            eof: false,
+        }
+    }
+
+    /// Next frame, or `None` at a clean end of stream. Cancel-safe: bytes
+    /// read are kept in `buf` across calls.
+    async fn next(&mut self, stats: &RelayStats) -> Result<Option<Frame>, RelayError> {
+        loop {
+            match FrameCodec::decode(&mut self.buf) {
+                Ok(Some(f)) => {
+                    stats
+                        .wire_rx
+                        .fetch_add(f.encoded_len() as u64, Ordering::Relaxed);
+                    return Ok(Some(f));
+                }
+                Ok(None) => {}
+                Err(e) => return Err(RelayError::Protocol(e.to_string())),
+            }
+            if self.eof {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(RelayError::Protocol("stream ended inside a frame".into()))
+                };
+            }
+            self.buf.reserve(CHUNK);
+            let n = self
+                .rd
+                .read_buf(&mut self.buf)
+                .await
+                .map_err(RelayError::Peer)?;
+            if n == 0 {
+                self.eof = true;
+            }
+        }
+    }
+}
+
+async fn send_frame<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    f: &Frame,
+    stats: &RelayStats,
+) -> Result<(), RelayError> {
+    let mut out = BytesMut::with_capacity(f.encoded_len());
+    FrameCodec::encode(f, &mut out);
+    w.write_all(&out).await.map_err(RelayError::Peer)?;
+    stats.wire_tx.fetch_add(out.len() as u64, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Reads a single frame expected at the start of a stream (the open header
+/// or the answer to it).
+pub async fn read_first_frame<R: AsyncRead + Unpin>(rd: &mut R) -> Result<Frame, RelayError> {
+    let mut buf = BytesMut::new();
+    loop {
+        match FrameCodec::check(&buf) {
+            Ok(Some(total)) => {
+                // Read exactly one frame: anything after it belongs to the
+                // pump that takes over the stream.
+                debug_assert_eq!(buf.len(), total);
+                return match FrameCodec::decode(&mut buf) {
+                    Ok(Some(f)) => Ok(f),
+                    Ok(None) => Err(RelayError::Protocol("incomplete first frame".into())),
+                    Err(e) => Err(RelayError::Protocol(e.to_string())),
+                };
+            }
+            Ok(None) => {}
+            Err(e) => return Err(RelayError::Protocol(e.to_string())),
+        }
+        // Read the header first, then exactly the payload.
+        let want = if buf.len() < godwit_wire::FRAME_HEADER_LEN {
+            godwit_wire::FRAME_HEADER_LEN - buf.len()
+        } else {
+            let len = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]) as usize;
+            godwit_wire::FRAME_HEADER_LEN + len - buf.len()
+        };
+        let mut chunk = vec![0u8; want];
+        rd.read_exact(&mut chunk).await.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                RelayError::PeerClosed
+            } else {
+                RelayError::Peer(e)
+            }
+        })?;
+        buf.extend_from_slice(&chunk);
+    }
+}
+
+/// Writes a single frame (used for stream headers and their answers).
+pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> Result<(), RelayError> {
+    send_frame(w, f, &RelayStats::default()).await
+}
+
+/// Source side: QEMU's outgoing migration socket ⇄ peer stream.
+///
+/// Returns when both directions have ended cleanly. `rtt` is sampled for
+/// the flow window; `cancel` aborts the relay (the peer is told why).
+#[allow(clippy::too_many_arguments)]
+pub async fn run_source<Q, PR, PW>(
+    qemu: Q,
+    peer_rx: PR,
+    mut peer_tx: PW,
+    rtt: impl Fn() -> Duration,
+    stats: Arc<RelayStats>,
+    mut cancel: watch::Receiver<Option<String>>,
+) -> Result<(), RelayError>
+where
+    Q: AsyncRead + AsyncWrite + Unpin,
+    PR: AsyncRead + Unpin,
+    PW: AsyncWrite + Unpin,
+{
+    let (mut q_rd, mut q_wr) = tokio::io::split(qemu);
+    let mut frames = FrameReader::new(peer_rx);
+    let mut window = RelayWindow::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut qemu_done = false;
+    let mut peer_done = false;
+    let mut tick = tokio::time::interval(RTT_TICK);
+    let mut end_deadline: Option<tokio::time::Instant> = None;
+    window.handle_rtt(rtt());
+    let result = loop {
+        if qemu_done && peer_done {
+            break Ok(());
+        }
+        let avail = window.available() as usize;
+        stats.window.store(window.window(), Ordering::Relaxed);
+        let deadline = end_deadline;
+        tokio::select! {
+            r = q_rd.read(&mut buf[..avail.clamp(1, CHUNK)]), if !qemu_done && avail > 0 => {
+                let n = match r { Ok(n) => n, Err(e) => break Err(RelayError::Qemu(e)) };
+                if n == 0 {
+                    qemu_done = true;
+                    end_deadline = Some(tokio::time::Instant::now() + END_GRACE);
+                    if let Err(e) = send_frame(&mut peer_tx, &Frame::End, &stats).await { break Err(e); }
+                    let _ = peer_tx.shutdown().await;
+                } else {
+                    let f = Frame::Data(Bytes::copy_from_slice(&buf[..n]));
+                    if let Err(e) = send_frame(&mut peer_tx, &f, &stats).await { break Err(e); }
+                    window.handle_sent(n as u64);
+                    stats.stream_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            }
+            f = frames.next(&stats), if !peer_done => {
+                match f {
+                    Ok(Some(Frame::Data(d))) => {
+                        // Return path: deliver at once, unbatched.
+                        if let Err(e) = q_wr.write_all(&d).await { break Err(RelayError::Qemu(e)); }
+                        stats.return_bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+                    }
+                    Ok(Some(Frame::Ack(n))) => {
+                        if let Err(e) = window.handle_ack(Instant::now(), n) { break Err(RelayError::Protocol(e.to_string())); }
+                    }
+                    Ok(Some(Frame::End)) => {
+                        peer_done = true;
+                        let _ = q_wr.shutdown().await;
+                    }
+                    Ok(Some(Frame::Abort(why))) => break Err(RelayError::PeerAborted(why)),
+                    Ok(Some(other)) => break Err(RelayError::Protocol(format!("unexpected {:?} frame", other.kind()))),
+                    Ok(None) => break Err(RelayError::PeerClosed),
+                    Err(e) => break Err(e),
+                }
+            }
+            _ = tick.tick() => window.handle_rtt(rtt()),
+            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
+                break Err(RelayError::EndTimeout(END_GRACE));
+            }
+            _ = cancel.changed() => {
+                let why = cancel.borrow().clone().unwrap_or_else(|| "cancelled".into());
+                break Err(RelayError::Cancelled(why));
+            }
+        }
+    };
+    if let Err(e) = &result {
+        // Best effort: tell the destination why, so it can clean up at once
+        // instead of waiting for the connection to time out.
+        if !matches!(e, RelayError::Peer(_) | RelayError::PeerAborted(_)) {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                send_frame(&mut peer_tx, &Frame::Abort(e.to_string()), &stats),
+            )
+            .await;
+        }
+    }
+    result
+}
+
+/// Destination side: peer stream ⇄ the destination QEMU's incoming socket.
+pub async fn run_destination<Q, PR, PW>(
+    qemu: Q,
+    peer_rx: PR,
+    mut peer_tx: PW,
+    stats: Arc<RelayStats>,
+    mut cancel: watch::Receiver<Option<String>>,
+) -> Result<(), RelayError>
+where
+    Q: AsyncRead + AsyncWrite + Unpin,
+    PR: AsyncRead + Unpin,
+    PW: AsyncWrite + Unpin,
+{
+    let (mut q_rd, mut q_wr) = tokio::io::split(qemu);
+    let mut frames = FrameReader::new(peer_rx);
+    let mut buf = vec![0u8; CHUNK];
+    let mut consumed = 0u64;
+    let mut acked = 0u64;
+    let mut qemu_done = false;
+    let mut peer_done = false;
+    let result = loop {
+        if qemu_done && peer_done {
+            break Ok(());
+        }
+        tokio::select! {
+            f = frames.next(&stats), if !peer_done => {
+                match f {
+                    Ok(Some(Frame::Data(d))) => {
+                        if let Err(e) = q_wr.write_all(&d).await { break Err(RelayError::Qemu(e)); }
+                        consumed += d.len() as u64;
+                        stats.stream_bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+                        let idle = !matches!(FrameCodec::check(&frames.buf), Ok(Some(_)));
+                        if consumed - acked >= ACK_EVERY || idle {
+                            if let Err(e) = send_frame(&mut peer_tx, &Frame::Ack(consumed), &stats).await { break Err(e); }
+                            acked = consumed;
+                        }
+                    }
+                    Ok(Some(Frame::End)) => {
+                        peer_done = true;
+                        let _ = send_frame(&mut peer_tx, &Frame::Ack(consumed), &stats).await;
+                        let _ = q_wr.shutdown().await;
+                    }
+                    Ok(Some(Frame::Abort(why))) => break Err(RelayError::PeerAborted(why)),
+                    Ok(Some(other)) => break Err(RelayError::Protocol(format!("unexpected {:?} frame", other.kind()))),
+                    Ok(None) => break Err(RelayError::PeerClosed),
+                    Err(e) => break Err(e),
+                }
+            }
+            r = q_rd.read(&mut buf), if !qemu_done => {
+                let n = match r { Ok(n) => n, Err(e) => break Err(RelayError::Qemu(e)) };
+                if n == 0 {
+                    qemu_done = true;
+                    if let Err(e) = send_frame(&mut peer_tx, &Frame::End, &stats).await { break Err(e); }
+                    let _ = peer_tx.shutdown().await;
+                } else {
+                    let f = Frame::Data(Bytes::copy_from_slice(&buf[..n]));
+                    if let Err(e) = send_frame(&mut peer_tx, &f, &stats).await { break Err(e); }
+                    stats.return_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            }
+            _ = cancel.changed() => {
+                let why = cancel.borrow().clone().unwrap_or_else(|| "cancelled".into());
+                break Err(RelayError::Cancelled(why));
+            }
+        }
+    };
+    if let Err(e) = &result {
+        if !matches!(e, RelayError::Peer(_) | RelayError::PeerAborted(_)) {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                send_frame(&mut peer_tx, &Frame::Abort(e.to_string()), &stats),
+            )
+            .await;
+        }
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::duplex;
+
+    /// A fake source QEMU writes a stream and waits for a "SHUT" on the
+    /// return path; a fake destination QEMU reads it all, answers, closes.
+    #[tokio::test]
+    async fn carries_both_directions_byte_exact() {
+        let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let (src_qemu, src_agent_q) = duplex(1 << 16);
+        let (dst_qemu, dst_agent_q) = duplex(1 << 16);
+        let (a_to_b, b_from_a) = duplex(1 << 20);
+        let (b_to_a, a_from_b) = duplex(1 << 20);
+        let (_c1, cancel1) = watch::channel(None);
+        let (_c2, cancel2) = watch::channel(None);
+        let s_stats = Arc::new(RelayStats::default());
+        let d_stats = Arc::new(RelayStats::default());
+        let src = tokio::spawn(run_source(
+            src_agent_q,
+            a_from_b,
+            a_to_b,
+            || Duration::from_millis(1),
+            s_stats.clone(),
+            cancel1,
+        ));
+        let dst = tokio::spawn(run_destination(
+            dst_agent_q,
+            b_from_a,
+            b_to_a,
+            d_stats.clone(),
+            cancel2,
+        ));
+        let p = payload.clone();
+        let fake_src = tokio::spawn(async move {
+            let (mut rd, mut wr) = tokio::io::split(src_qemu);
+            wr.write_all(&p).await.unwrap();
+            let mut shut = [0u8; 4];
+            rd.read_exact(&mut shut).await.unwrap();
+            assert_eq!(&shut, b"SHUT");
+            wr.shutdown().await.unwrap();
+            drop(wr);
+            let mut rest = Vec::new();
+            rd.read_to_end(&mut rest).await.unwrap();
+            assert!(rest.is_empty());
+        });
+        let fake_dst = tokio::spawn(async move {
+            let (mut rd, mut wr) = tokio::io::split(dst_qemu);
+            let mut got = vec![0u8; payload.len()];
+            rd.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, payload);
+            wr.write_all(b"SHUT").await.unwrap();
+            wr.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            rd.read_to_end(&mut rest).await.unwrap();
+            assert!(rest.is_empty());
+        });
+        fake_src.await.unwrap();
+        fake_dst.await.unwrap();
+        src.await.unwrap().unwrap();
+        dst.await.unwrap().unwrap();
+        assert_eq!(s_stats.stream_bytes.load(Ordering::Relaxed), 3_000_000);
+        assert_eq!(d_stats.stream_bytes.load(Ordering::Relaxed), 3_000_000);
+        assert_eq!(s_stats.return_bytes.load(Ordering::Relaxed), 4);
+    }
+
+    /// Cutting the peer stream fails the source relay with a peer error and
+    /// never hangs.
+    #[tokio::test]
+    async fn cut_peer_fails_source() {
+        let (_src_qemu, src_agent_q) = duplex(1 << 16);
+        let (a_to_b, b_from_a) = duplex(1 << 16);
+        let (b_to_a, a_from_b) = duplex(1 << 16);
+        let (_c, cancel) = watch::channel(None);
+        let src = tokio::spawn(run_source(
+            src_agent_q,
+            a_from_b,
+            a_to_b,
+            || Duration::from_millis(1),
+            Arc::new(RelayStats::default()),
+            cancel,
+        ));
+        drop(b_from_a);
+        drop(b_to_a);
+        let r = tokio::time::timeout(Duration::from_secs(5), src)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(r, Err(RelayError::PeerClosed) | Err(RelayError::Peer(_))),
+            "{r:?}"
+        );
+    }
+
+    /// The source never has more than the window outstanding when the
+    /// destination does not acknowledge.
+    #[tokio::test]
+    async fn source_respects_window_without_acks() {
+        let (mut src_qemu, src_agent_q) = duplex(1 << 16);
+        let (a_to_b, mut b_from_a) = duplex(64 << 20);
+        let (_b_to_a, a_from_b) = duplex(1 << 16);
+        let (_c, cancel) = watch::channel(None);
+        let stats = Arc::new(RelayStats::default());
+        let _src = tokio::spawn(run_source(
+            src_agent_q,
+            a_from_b,
+            a_to_b,
+            || Duration::from_millis(1),
+            stats.clone(),
+            cancel,
+        ));
+        let writer = tokio::spawn(async move {
+            let chunk = vec![1u8; 1 << 16];
+            loop {
+                if src_qemu.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let drain = tokio::spawn(async move {
+            let mut sink = vec![0u8; 1 << 16];
+            while b_from_a.read(&mut sink).await.unwrap_or(0) > 0 {}
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            stats.stream_bytes.load(Ordering::Relaxed),
+            godwit_wire::window::INITIAL_WINDOW
+        );
+        writer.abort();
+        drain.abort();
+    }
+}

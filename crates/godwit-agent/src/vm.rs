@@ -1,0 +1,426 @@
+//! VMs on this host: launching QEMU, supervising it, persisting records so
+//! an agent restart re-adopts running guests instead of killing them.
+//!
+//! A VM appears here when it is created, or when an incoming migration
+//! launches its destination QEMU (state `incoming`); it leaves when it is
+//! stopped, or when it has migrated away. Records live in
+//! `state_dir/vms/<name>.json`; QEMU runs in its own session, so it
+//! outlives the agent.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use godwit_qemu::{HostConfig, LaunchMode, QemuInstance, VmSpec};
+use godwit_qmp::QmpClient;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tracing::{info, warn};
+
+use crate::api::types::{VmInfo, VmState};
+use crate::guest::GuestChannel;
+
+/// How long a QEMU gets to quit over QMP before it is signalled.
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Timeout of a QMP command issued on behalf of the API.
+pub const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors managing VMs.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// No VM of that name here.
+    #[error("no VM named {0:?} on this host")]
+    NotFound(String),
+    /// A VM of that name exists already.
+    #[error("a VM named {0:?} already exists on this host")]
+    Exists(String),
+    /// The VM is busy (e.g. migrating).
+    #[error("VM {name:?} is {state:?}")]
+    Busy {
+        /// VM name.
+        name: String,
+        /// Its state.
+        state: VmState,
+    },
+    /// QEMU failed.
+    #[error("QEMU for VM {name:?}")]
+    Qemu {
+        /// VM name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: godwit_qemu::QemuError,
+    },
+    /// A QMP command failed.
+    #[error("QMP command {command} for VM {name:?}")]
+    Qmp {
+        /// VM name.
+        name: String,
+        /// Command.
+        command: String,
+        /// Cause.
+        #[source]
+        source: godwit_qmp::QmpError,
+    },
+    /// Records could not be written.
+    #[error("cannot persist VM record {path}")]
+    Persist {
+        /// Record path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What is persisted for each VM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct VmRecord {
+    spec: VmSpec,
+    instance: QemuInstance,
+    state: VmState,
+}
+
+/// One VM with its live connections.
+pub struct VmHandle {
+    /// Specification.
+    pub spec: VmSpec,
+    /// Running QEMU instance.
+    pub instance: QemuInstance,
+    /// QMP connection.
+    pub qmp: QmpClient,
+    /// Guest tool channel.
+    pub guest: GuestChannel,
+    state: Mutex<VmState>,
+}
+
+impl VmHandle {
+    /// Current state.
+    pub fn state(&self) -> VmState {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_state(&self, s: VmState) {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = s;
+    }
+
+    /// Runs a QMP command with the API timeout.
+    pub async fn qmp(
+        &self,
+        command: &str,
+        args: serde_json::Value,
+    ) -> Result<serde_json::Value, VmError> {
+        self.qmp
+            .execute_timeout(command, args, QMP_TIMEOUT)
+            .await
+            .map_err(|source| VmError::Qmp {
+                name: self.spec.name.clone(),
+                command: command.into(),
+                source,
+            })
+    }
+
+    /// QEMU's run state (`running`, `paused`, `postmigrate`, …).
+    pub async fn qemu_status(&self) -> Result<(String, bool), VmError> {
+        let v = self.qmp("query-status", json!({})).await?;
+        let status = v
+            .get("status")
+            .and_then(|s| s.as_str())
+            .unwrap_or("unknown")
+            .to_owned();
+        let running = v.get("running").and_then(|r| r.as_bool()).unwrap_or(false);
+        Ok((status, running))
+    }
+}
+
+/// All VMs of this host.
+#[derive(Clone)]
+pub struct VmManager {
+    host: HostConfig,
+    records_dir: PathBuf,
+    vms: Arc<Mutex<HashMap<String, Arc<VmHandle>>>>,
+}
+
+impl VmManager {
+    /// A manager persisting into `state_dir/vms`.
+    pub fn new(host: HostConfig, state_dir: &std::path::Path) -> Self {
+        Self {
+            host,
+            records_dir: state_dir.join("vms"),
+            vms: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Host settings.
+    pub fn host(&self) -> &HostConfig {
+        &self.host
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<VmHandle>>> {
+        self.vms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Re-adopts VMs whose QEMU still runs after an agent restart; removes
+    /// records of those that died meanwhile.
+    pub async fn readopt(&self) {
+        let Ok(dir) = std::fs::read_dir(&self.records_dir) else {
+            return;
+        };
+        for entry in dir.flatten() {
+            let path = entry.path();
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            let rec: VmRecord = match serde_json::from_str(&text) {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(path = %path.display(), cause = %e, "ignoring unreadable VM record");
+                    continue;
+                }
+            };
+            if !godwit_qemu::is_alive(rec.instance.pid) {
+                info!(
+                    vm = rec.spec.name,
+                    "VM from a previous run is gone; removing its record"
+                );
+                let _ = godwit_qemu::terminate(&rec.instance, None, Duration::ZERO).await;
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            let qmp = match QmpClient::connect(&rec.instance.qmp_socket).await {
+                Ok((qmp, _events)) => qmp,
+                Err(e) => {
+                    warn!(vm = rec.spec.name, cause = %e, "cannot reconnect to QEMU; leaving it alone");
+                    continue;
+                }
+            };
+            if rec.state == VmState::Incoming {
+                // An incoming QEMU whose agent died has lost its stream. If
+                // it had everything and started the guest, the VM is ours
+                // (its source saw SHUT only after that start); otherwise it
+                // owns nothing and is discarded.
+                let running = qmp
+                    .execute_timeout("query-status", json!({}), QMP_TIMEOUT)
+                    .await
+                    .ok()
+                    .and_then(|v| v.get("running").and_then(|r| r.as_bool()))
+                    .unwrap_or(false);
+                if !running {
+                    info!(
+                        vm = rec.spec.name,
+                        "discarding an incoming QEMU left by a previous run"
+                    );
+                    let _ = godwit_qemu::terminate(&rec.instance, Some(&qmp), Duration::ZERO).await;
+                    let _ = std::fs::remove_file(&path);
+                    continue;
+                }
+            }
+            info!(
+                vm = rec.spec.name,
+                pid = rec.instance.pid,
+                "re-adopted running VM"
+            );
+            let h = self.insert(rec.spec, rec.instance, qmp, VmState::Running);
+            if let Err(e) = self.persist(&h) {
+                warn!(vm = h.spec.name, cause = %e, "cannot persist VM record");
+            }
+        }
+    }
+
+    fn insert(
+        &self,
+        spec: VmSpec,
+        instance: QemuInstance,
+        qmp: QmpClient,
+        state: VmState,
+    ) -> Arc<VmHandle> {
+        let guest = GuestChannel::spawn(spec.name.clone(), instance.guest_socket.clone());
+        let h = Arc::new(VmHandle {
+            spec,
+            instance,
+            qmp,
+            guest,
+            state: Mutex::new(state),
+        });
+        self.map().insert(h.spec.name.clone(), h.clone());
+        self.supervise(h.clone());
+        h
+    }
+
+    /// Watches a VM's QEMU: when it goes away unexpectedly, the VM is
+    /// marked stopped and its files are removed.
+    fn supervise(&self, h: Arc<VmHandle>) {
+        let mgr = self.clone();
+        tokio::spawn(async move {
+            h.qmp.closed().await;
+            // Give a deliberate stop or a completed migration the chance to
+            // account for the exit first.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let current = mgr.get(&h.spec.name).ok();
+            if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &h)) {
+                warn!(vm = h.spec.name, "QEMU exited");
+                h.set_state(VmState::Stopped);
+                h.guest.close();
+                let _ = godwit_qemu::terminate(&h.instance, None, Duration::ZERO).await;
+                mgr.map().remove(&h.spec.name);
+                mgr.forget(&h.spec.name);
+            }
+        });
+    }
+
+    fn record_path(&self, name: &str) -> PathBuf {
+        self.records_dir.join(format!("{name}.json"))
+    }
+
+    /// Persists a VM's record.
+    pub fn persist(&self, h: &VmHandle) -> Result<(), VmError> {
+        let path = self.record_path(&h.spec.name);
+        let err = |source| VmError::Persist {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&self.records_dir).map_err(err)?;
+        let rec = VmRecord {
+            spec: h.spec.clone(),
+            instance: h.instance.clone(),
+            state: h.state(),
+        };
+        let tmp = path.with_extension("json.tmp");
+        let text = serde_json::to_vec_pretty(&rec).map_err(|e| err(std::io::Error::other(e)))?;
+        std::fs::write(&tmp, text).map_err(err)?;
+        std::fs::rename(&tmp, &path).map_err(err)
+    }
+
+    fn forget(&self, name: &str) {
+        let _ = std::fs::remove_file(self.record_path(name));
+    }
+
+    /// Resolves a machine alias such as `pc` to the versioned type this
+    /// host's QEMU maps it to, so both ends of a migration use one type.
+    pub async fn resolve_machine(&self, alias: &str) -> Result<String, VmError> {
+        godwit_qemu::resolve_machine(&self.host, alias)
+            .await
+            .map_err(|source| VmError::Qemu {
+                name: alias.into(),
+                source,
+            })
+    }
+
+    /// Launches a VM (fresh boot or waiting for an incoming migration).
+    pub async fn launch(&self, spec: VmSpec, mode: LaunchMode) -> Result<Arc<VmHandle>, VmError> {
+        let name = spec.name.clone();
+        if self.map().contains_key(&name) {
+            return Err(VmError::Exists(name));
+        }
+        let (instance, qmp, _events) =
+            godwit_qemu::launch(&spec, &self.host, mode)
+                .await
+                .map_err(|source| VmError::Qemu {
+                    name: name.clone(),
+                    source,
+                })?;
+        // Re-check under the lock: a concurrent create may have won.
+        if self.map().contains_key(&name) {
+            let _ = godwit_qemu::terminate(&instance, Some(&qmp), STOP_GRACE).await;
+            return Err(VmError::Exists(name));
+        }
+        let state = match mode {
+            LaunchMode::Fresh => VmState::Running,
+            LaunchMode::Incoming => VmState::Incoming,
+        };
+        let h = self.insert(spec, instance, qmp, state);
+        self.persist(&h)?;
+        info!(vm = name, pid = h.instance.pid, ?mode, "QEMU launched");
+        Ok(h)
+    }
+
+    /// A VM by name.
+    pub fn get(&self, name: &str) -> Result<Arc<VmHandle>, VmError> {
+        self.map()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| VmError::NotFound(name.into()))
+    }
+
+    /// All VMs.
+    pub fn all(&self) -> Vec<Arc<VmHandle>> {
+        let mut v: Vec<_> = self.map().values().cloned().collect();
+        v.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+        v
+    }
+
+    /// Changes a VM's state and persists it.
+    pub fn set_state(&self, h: &VmHandle, s: VmState) {
+        h.set_state(s);
+        if let Err(e) = self.persist(h) {
+            warn!(vm = h.spec.name, cause = %e, "cannot persist VM state");
+        }
+    }
+
+    /// Marks a VM as migrating away, refusing if it is not simply running.
+    pub fn begin_migration(&self, name: &str) -> Result<Arc<VmHandle>, VmError> {
+        let h = self.get(name)?;
+        let mut st = h.state.lock().unwrap_or_else(|p| p.into_inner());
+        if *st != VmState::Running {
+            return Err(VmError::Busy {
+                name: name.into(),
+                state: *st,
+            });
+        }
+        *st = VmState::MigratingOut;
+        Ok(h.clone())
+    }
+
+    /// Removes a VM from this host and terminates its QEMU (after it stopped,
+    /// or after it migrated away).
+    pub async fn remove(&self, h: &Arc<VmHandle>) {
+        {
+            let mut m = self.map();
+            if m.get(&h.spec.name).is_some_and(|c| Arc::ptr_eq(c, h)) {
+                m.remove(&h.spec.name);
+            }
+        }
+        self.forget(&h.spec.name);
+        h.set_state(VmState::Stopped);
+        h.guest.close();
+        if let Err(e) = godwit_qemu::terminate(&h.instance, Some(&h.qmp), STOP_GRACE).await {
+            warn!(vm = h.spec.name, cause = %e, "terminating QEMU");
+        }
+    }
+
+    /// Stops a VM (powers it off hard: the guest is not asked).
+    pub async fn stop(&self, name: &str) -> Result<(), VmError> {
+        let h = self.get(name)?;
+        if h.state() == VmState::MigratingOut {
+            return Err(VmError::Busy {
+                name: name.into(),
+                state: h.state(),
+            });
+        }
+        self.remove(&h).await;
+        info!(vm = name, "VM stopped");
+        Ok(())
+    }
+
+    /// The API view of a VM.
+    pub async fn info(&self, h: &VmHandle) -> VmInfo {
+        let qemu_status = match tokio::time::timeout(Duration::from_secs(2), h.qemu_status()).await
+        {
+            Ok(Ok((s, _))) => Some(s),
+            _ => None,
+        };
+        VmInfo {
+            name: h.spec.name.clone(),
+            state: h.state(),
+            qemu_status,
+            memory_mib: h.spec.memory_mib,
+            vcpus: h.spec.vcpus,
+            machine: h.spec.machine.clone(),
+            pid: Some(h.instance.pid),
+            instance: h.instance.instance_id.clone(),
+            guest: Some(h.guest.info()),
+            spec: serde_json::to_value(&h.spec).unwrap_or_default(),
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! `godwit bench SUITE --json`: experiments run in the lab, printed as one
+//! JSON object `{"suite": …, "rows": […]}`.
+//!
+//! - `lab`: fidelity of the WAN emulator (RTT and TCP goodput against the
+//!   configured delay and rate).
+//! - `baseline`: seed 000's Table 1 on our lab: a 256 MiB guest running
+//!   memdirty migrated at several one-way delays, QEMU to QEMU over plain
+//!   TCP ("qemu-direct") and through the agents ("godwit-relay"); a run
+//!   that does not finish within 10 minutes counts as failed.
+
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::{Args, ValueEnum};
+use godwit_lab::link::LinkParamsUpdate;
+use godwit_lab::wan::WanClient;
+use godwit_lab::LabSpec;
+use serde_json::{json, Value};
+
+use crate::cmd::lab::parse_rate;
+use crate::labenv;
+use crate::output::Out;
+use crate::scenario;
+
+/// Suites.
+#[derive(ValueEnum, Debug, Clone, Copy)]
+pub enum Suite {
+    /// WAN emulator fidelity.
+    Lab,
+    /// Seed 000 Table 1: migration time per delay, QEMU direct vs relay.
+    Baseline,
+}
+
+/// `godwit bench`.
+#[derive(Args, Debug)]
+pub struct BenchCmd {
+    /// Which suite.
+    suite: Suite,
+    /// One-way delays to test, ms (default: the suite's own list).
+    #[arg(long, value_delimiter = ',')]
+    delays: Option<Vec<u64>>,
+    /// Link rate.
+    #[arg(long, default_value = "100mbit", value_parser = parse_rate)]
+    rate: u64,
+    /// Guest RAM for migration suites, MiB.
+    #[arg(long, default_value_t = 256)]
+    memory: u64,
+    /// Pages memdirty re-dirties per second ("moderate": ~2 MB/s).
+    #[arg(long, default_value_t = 500)]
+    dirty_rate: u64,
+    /// Memory memdirty keeps dirty, MiB.
+    #[arg(long, default_value_t = 64)]
+    dirty_mib: u64,
+    /// Paths to compare (baseline).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "qemu-direct,godwit-relay"
+    )]
+    paths: Vec<String>,
+}
+
+/// Migration cap, as in seed 000.
+const CAP_S: u64 = 600;
+
+/// Runs a suite.
+pub async fn run(c: BenchCmd, out: Out) -> Result<()> {
+    if godwit_lab::topology::load_state(&labenv::state_dir())?.is_some() {
+        bail!("a lab is already up; benchmarks build their own (run `godwit lab down` first)");
+    }
+    let rows = match c.suite {
+        Suite::Lab => lab(&c, out).await?,
+        Suite::Baseline => baseline(&c, out).await?,
+    };
+    let suite = format!("{:?}", c.suite).to_lowercase();
+    let obj = json!({"suite": suite, "rows": rows});
+    if out.json {
+        println!("{obj}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&obj)?);
+    }
+    Ok(())
+}
+
+fn spec(delay_ms: u64, rate: u64) -> LabSpec {
+    LabSpec {
+        sites: 2,
+        delay: Duration::from_millis(delay_ms),
+        rate_bps: rate,
+        ..LabSpec::default()
+    }
+}
+
+async fn lab(c: &BenchCmd, out: Out) -> Result<Vec<Value>> {
+    let delays = c.delays.clone().unwrap_or_else(|| vec![0, 130]);
+    let first = delays.first().copied().unwrap_or(0);
+    let mut daemon = std::process::Command::new(std::env::current_exe()?);
+    daemon.args(["lab", "wan-daemon"]);
+    let st = godwit_lab::topology::up(&spec(first, c.rate), &labenv::state_dir(), &daemon)?;
+    let res = async {
+        let mut rows = Vec::new();
+        for d in &delays {
+            let upd = LinkParamsUpdate {
+                delay: Some(Duration::from_millis(*d)),
+                rate_bps: Some(c.rate),
+                ..Default::default()
+            };
+            WanClient::connect(&st.wan_socket)?.set_link(None, None, upd)?;
+            out.note(format!(
+                "lab fidelity at {d} ms one-way, {} Mbit/s",
+                c.rate as f64 / 1e6
+            ));
+            let st2 = st.clone();
+            let rtt =
+                tokio::task::spawn_blocking(move || godwit_lab::probe::rtt(&st2, "a", "b", 50))
+                    .await??;
+            let st2 = st.clone();
+            let secs = if *d >= 100 { 25 } else { 10 };
+            let gp = tokio::task::spawn_blocking(move || {
+                godwit_lab::probe::tcp_goodput(&st2, "a", "b", Duration::from_secs(secs))
+            })
+            .await??;
+            rows.push(json!({
+                "delay_ms": d,
+                "rate_mbit": c.rate as f64 / 1e6,
+                "rtt_ms": rtt.median_ms,
+                "rtt_min_ms": rtt.min_ms,
+                "rtt_max_ms": rtt.max_ms,
+                "rtt_error_ms": rtt.median_ms - 2.0 * *d as f64,
+                "goodput_mbit": gp.mbit_s,
+                "goodput_ratio": gp.mbit_s * 1e6 / c.rate as f64,
+                "goodput_method": gp.method,
+            }));
+        }
+        anyhow::Ok(rows)
+    }
+    .await;
+    let _ = labenv::down();
+    res
+}
+
+async fn baseline(c: &BenchCmd, out: Out) -> Result<Vec<Value>> {
+    let delays = c.delays.clone().unwrap_or_else(|| vec![0, 80, 140, 260]);
+    let mut rows = Vec::new();
+    for d in delays {
+        labenv::up(&spec(d, c.rate), godwit_qemu::Accel::Tcg).await?;
+        for path in &c.paths {
+            let direct = match path.as_str() {
+                "qemu-direct" => true,
+                "godwit-relay" => false,
+                other => bail!("unknown path {other:?} (qemu-direct, godwit-relay)"),
+            };
+            out.note(format!("baseline: {path} at {d} ms one-way"));
+            let row = match one_migration(c, direct, out).await {
+                Ok(mut r) => {
+                    r["path"] = json!(path);
+                    r
+                }
+                Err(e) => json!({"path": path, "success": false, "error": format!("{e:#}")}),
+            };
+            let mut row = row;
+            row["delay_ms"] = json!(d);
+            row["rate_mbit"] = json!(c.rate as f64 / 1e6);
+            row["ram_mib"] = json!(c.memory);
+            rows.push(row);
+            scenario::stop_everywhere(&["a", "b"], "bench").await;
+        }
+        labenv::down()?;
+    }
+    Ok(rows)
+}
+
+async fn one_migration(c: &BenchCmd, direct: bool, out: Out) -> Result<Value> {
+    let a = scenario::site("a");
+    let b = scenario::site("b");
+    let boot = scenario::boot(&a, "bench", c.memory, out).await?;
+    scenario::memdirty(&a, "bench", c.dirty_mib, c.dirty_rate).await?;
+    // Let the dirtier reach steady state, as a running workload would be.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let m = scenario::migrate(
+        &a,
+        "bench",
+        "b",
+        direct,
+        CAP_S,
+        Out {
+            json: false,
+            quiet: true,
+        },
+    )
+    .await?;
+    let ok = m.phase == godwit_agent::api::types::MigrationPhase::Completed;
+    let r = m.report.clone().unwrap_or_default();
+    let mut row = json!({
+        "success": ok,
+        "total_ms": r.total_ms,
+        "downtime_ms": r.downtime_ms,
+        "wire_bytes": r.wire_bytes,
+        "qemu_total_ms": r.qemu_total_ms,
+        "passes": r.passes,
+        "error": m.error,
+    });
+    if ok {
+        let v = scenario::verify(&b, "bench", &boot).await?;
+        row["memory_errors"] = json!(v.errors);
+        row["same_boot"] = json!(v.same_boot);
+    }
+    Ok(row)
+}

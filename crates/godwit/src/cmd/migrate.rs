@@ -1,0 +1,174 @@
+//! `godwit migrate` and `godwit migration`.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use clap::Args;
+use godwit_agent::api::types::{MigrationInfo, MigrationPhase, StartMigration};
+use godwit_agent::client::ApiClient;
+
+use crate::output::{self, Out};
+use crate::{Global, OperationFailed};
+
+/// `godwit migrate VM --to SITE`.
+#[derive(Args, Debug)]
+pub struct MigrateCmd {
+    /// VM name.
+    pub vm: String,
+    /// Destination site (or agent name).
+    #[arg(long)]
+    pub to: String,
+    /// Downtime QEMU may aim for, ms.
+    #[arg(long)]
+    pub downtime_limit: Option<u64>,
+    /// Give up after this many seconds (the VM keeps running here).
+    #[arg(long)]
+    pub timeout: Option<u64>,
+    /// Start the migration and return at once.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Baseline: QEMU to QEMU over plain TCP, bypassing the agents' relay
+    /// (unencrypted; for comparisons).
+    #[arg(long)]
+    pub direct: bool,
+}
+
+/// `godwit migration [ID]`.
+#[derive(Args, Debug)]
+pub struct ShowCmd {
+    /// Migration id (default: all).
+    pub id: Option<String>,
+}
+
+/// How often the CLI polls the agent.
+const POLL: Duration = Duration::from_millis(100);
+/// How often JSON progress lines are printed.
+const JSON_PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// Starts a migration and follows it to the end, drawing progress.
+pub async fn migrate(client: &ApiClient, req: &StartMigration, out: Out) -> Result<MigrationInfo> {
+    let started: MigrationInfo = client.post("/v1/migrations", req).await?;
+    follow(client, &started.id, out).await
+}
+
+/// Polls a migration until it ends.
+pub async fn follow(client: &ApiClient, id: &str, out: Out) -> Result<MigrationInfo> {
+    let pb = out.progress_bar(1000);
+    let t0 = Instant::now();
+    let mut last_json = Instant::now();
+    loop {
+        let m: MigrationInfo = client.get(&format!("/v1/migrations/{id}")).await?;
+        if m.phase.is_terminal() {
+            pb.finish_and_clear();
+            return Ok(m);
+        }
+        if out.json && last_json.elapsed() >= JSON_PROGRESS_EVERY {
+            out.emit("progress", &m);
+            last_json = Instant::now();
+        }
+        // cargo's rule: nothing during the first 500 ms.
+        if t0.elapsed() >= Duration::from_millis(500) {
+            let p = &m.progress;
+            let done = p.ram_total_bytes.saturating_sub(p.remaining_bytes);
+            if p.ram_total_bytes > 0 {
+                pb.set_position(done * 1000 / p.ram_total_bytes);
+            }
+            pb.set_prefix(format!("{:?}", m.phase).to_lowercase());
+            pb.set_message(format!(
+                "sent {}  {}  dirty {}  left {}  downtime~{}  ETA {}",
+                output::bytes(p.transferred_bytes),
+                output::rate(p.rate_bps),
+                output::rate(p.dirty_rate_bps),
+                output::bytes(p.remaining_bytes),
+                p.expected_downtime_ms
+                    .map(output::ms)
+                    .unwrap_or_else(|| "-".into()),
+                p.eta_ms.map(output::ms).unwrap_or_else(|| "-".into()),
+            ));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Human rendering of a finished migration.
+pub fn summary(m: &MigrationInfo) -> String {
+    let mut s = format!(
+        "migration {} of {}: {} -> {} ({})\n",
+        m.id,
+        m.vm,
+        m.from,
+        m.to,
+        format!("{:?}", m.phase).to_lowercase()
+    );
+    if let Some(r) = &m.report {
+        s.push_str(&format!(
+            "  total time      {}\n  downtime        {}\n  bytes on wire   {} ({} per GiB of RAM)\n  stream bytes    {}\n  guest RAM       {} MiB, {} passes, mode {}\n",
+            output::ms(r.total_ms),
+            r.downtime_ms.map(output::ms).unwrap_or_else(|| "-".into()),
+            output::bytes(r.wire_bytes),
+            output::bytes(r.wire_bytes_per_gib as u64),
+            output::bytes(r.stream_bytes),
+            r.ram_mib,
+            r.passes,
+            r.mode
+        ));
+    }
+    if let Some(e) = &m.error {
+        s.push_str(&format!("  error           {e}\n"));
+    }
+    s.trim_end().to_owned()
+}
+
+/// Runs `godwit migrate`.
+pub async fn run(c: MigrateCmd, g: &Global, out: Out) -> Result<()> {
+    let client = g.client();
+    let req = StartMigration {
+        vm: c.vm,
+        to: c.to,
+        downtime_limit_ms: c.downtime_limit,
+        timeout_s: c.timeout,
+        direct: c.direct,
+    };
+    if c.no_wait {
+        let m: MigrationInfo = client.post("/v1/migrations", &req).await?;
+        out.result("migration", &m, || format!("started migration {}", m.id));
+        return Ok(());
+    }
+    let m = migrate(&client, &req, out).await?;
+    out.result("summary", &m, || summary(&m));
+    match m.phase {
+        MigrationPhase::Completed => Ok(()),
+        MigrationPhase::Undecided => Err(OperationFailed(format!(
+            "migration {} is undecided: {}",
+            m.id,
+            m.error.unwrap_or_default()
+        ))
+        .into()),
+        _ => Err(OperationFailed(format!(
+            "migration {} failed; {} keeps running at {}: {}",
+            m.id,
+            m.vm,
+            m.from,
+            m.error.unwrap_or_default()
+        ))
+        .into()),
+    }
+}
+
+/// Runs `godwit migration`.
+pub async fn show(c: ShowCmd, g: &Global, out: Out) -> Result<()> {
+    let client = g.client();
+    match c.id {
+        Some(id) => {
+            let m: MigrationInfo = client.get(&format!("/v1/migrations/{id}")).await?;
+            out.result("migration", &m, || summary(&m));
+        }
+        None => {
+            let ms: Vec<MigrationInfo> = client.get("/v1/migrations").await?;
+            out.result("migrations", &ms, || {
+                ms.iter().map(summary).collect::<Vec<_>>().join("\n")
+            });
+        }
+    }
+    Ok(())
+}

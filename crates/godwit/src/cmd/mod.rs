@@ -1,0 +1,7 @@
+//! Subcommand implementations, one module per area.
+
+pub mod agent;
+pub mod demo;
+pub mod lab;
+pub mod migrate;
+pub mod vm;

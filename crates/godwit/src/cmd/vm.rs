@@ -1,0 +1,200 @@
+//! `godwit vm …` and `godwit guest`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use godwit_agent::api::types::{CreateVm, GuestRequest, VmInfo};
+use serde_json::Value;
+
+use crate::output::Out;
+use crate::Global;
+
+/// VM subcommands.
+#[derive(Subcommand, Debug)]
+pub enum VmCmd {
+    /// Create and boot a VM on the agent's host.
+    Create(CreateArgs),
+    /// List VMs.
+    List,
+    /// Show one VM.
+    Show {
+        /// VM name.
+        name: String,
+    },
+    /// Stop a VM (hard power-off).
+    Stop {
+        /// VM name.
+        name: String,
+    },
+    /// Print the tail of the VM's serial console.
+    Console {
+        /// VM name.
+        name: String,
+        /// How many bytes of the tail.
+        #[arg(long, default_value_t = 16384)]
+        bytes: u64,
+    },
+}
+
+/// `godwit vm create`.
+#[derive(Args, Debug)]
+pub struct CreateArgs {
+    /// VM name.
+    pub name: String,
+    /// Guest RAM, MiB.
+    #[arg(long, default_value_t = 256)]
+    pub memory: u64,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// Machine type or alias.
+    #[arg(long, default_value = "pc")]
+    pub machine: String,
+    /// Kernel (default: the godwit test guest image).
+    #[arg(long, requires = "initrd")]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs.
+    #[arg(long, requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+    /// Extra kernel command line.
+    #[arg(long, default_value = "")]
+    pub cmdline: String,
+    /// Disk image (raw or .qcow2) both ends of a migration can read.
+    #[arg(long)]
+    pub disk: Option<PathBuf>,
+    /// NIC MAC address.
+    #[arg(long)]
+    pub mac: Option<String>,
+    /// Wait until the in-guest tool has said hello.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+/// `godwit guest VM JSON`.
+#[derive(Args, Debug)]
+pub struct GuestCmd {
+    /// VM name.
+    pub vm: String,
+    /// The command, e.g. '{"cmd":"memdirty_start","mib":64,"rate_pages_per_s":500,"pattern":"random"}'.
+    pub command: String,
+    /// How long to wait for the answer, seconds.
+    #[arg(long, default_value_t = 60)]
+    pub timeout: u64,
+}
+
+/// Builds the create request, using the cached guest image by default.
+pub async fn create_request(a: &CreateArgs, out: Out) -> Result<CreateVm> {
+    let (kernel, initrd, cmdline) = match (&a.kernel, &a.initrd) {
+        (Some(k), Some(i)) => (k.clone(), i.clone(), a.cmdline.clone()),
+        _ => {
+            let img = crate::guestimg::ensure(out, None, PathBuf::from("/var/cache/godwit/image"))
+                .await?;
+            let cmdline = if a.cmdline.is_empty() {
+                img.cmdline.clone()
+            } else {
+                format!("{} {}", img.cmdline, a.cmdline)
+            };
+            (img.kernel, img.initrd, cmdline)
+        }
+    };
+    Ok(CreateVm {
+        name: a.name.clone(),
+        memory_mib: a.memory,
+        vcpus: a.vcpus,
+        machine: a.machine.clone(),
+        kernel: Some(kernel),
+        initrd: Some(initrd),
+        cmdline,
+        disk: a.disk.clone(),
+        mac: a.mac.clone(),
+    })
+}
+
+/// Sends one guest command through an agent and returns the report.
+pub async fn guest_call(
+    client: &godwit_agent::client::ApiClient,
+    vm: &str,
+    command: Value,
+    timeout: Duration,
+) -> Result<Value> {
+    let req = GuestRequest {
+        command,
+        timeout_ms: timeout.as_millis() as u64,
+    };
+    Ok(client.post(&format!("/v1/vms/{vm}/guest"), &req).await?)
+}
+
+fn vm_line(v: &VmInfo) -> String {
+    format!(
+        "{:<16} {:<14} {:>6} MiB {:>2} vcpu  qemu {:<12} pid {}  guest {}",
+        v.name,
+        format!("{:?}", v.state).to_lowercase(),
+        v.memory_mib,
+        v.vcpus,
+        v.qemu_status.as_deref().unwrap_or("?"),
+        v.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+        match &v.guest {
+            Some(gi) if gi.connected && gi.boot_id.is_some() => "ready",
+            Some(gi) if gi.connected => "connected",
+            _ => "-",
+        }
+    )
+}
+
+/// Runs a VM subcommand.
+pub async fn run(c: VmCmd, g: &Global, out: Out) -> Result<()> {
+    let client = g.client();
+    match c {
+        VmCmd::Create(a) => {
+            let req = create_request(&a, out).await?;
+            let v: VmInfo = client.post("/v1/vms", &req).await?;
+            if a.wait {
+                guest_call(
+                    &client,
+                    &a.name,
+                    serde_json::json!({"cmd": "ping"}),
+                    Duration::from_secs(120),
+                )
+                .await
+                .context("waiting for the guest tool")?;
+            }
+            out.result("vm", &v, || vm_line(&v));
+        }
+        VmCmd::List => {
+            let vs: Vec<VmInfo> = client.get("/v1/vms").await?;
+            out.result("vms", &vs, || {
+                vs.iter().map(vm_line).collect::<Vec<_>>().join("\n")
+            });
+        }
+        VmCmd::Show { name } => {
+            let v: VmInfo = client.get(&format!("/v1/vms/{name}")).await?;
+            out.result("vm", &v, || {
+                serde_json::to_string_pretty(&v).unwrap_or_default()
+            });
+        }
+        VmCmd::Stop { name } => {
+            let v: Value = client.delete(&format!("/v1/vms/{name}")).await?;
+            out.result("stopped", &v, || format!("stopped {name}"));
+        }
+        VmCmd::Console { name, bytes } => {
+            let t = client
+                .get_text(&format!("/v1/vms/{name}/console?bytes={bytes}"))
+                .await?;
+            out.result("console", &t, || t.clone());
+        }
+    }
+    Ok(())
+}
+
+/// Runs `godwit guest`.
+pub async fn guest(c: GuestCmd, g: &Global, out: Out) -> Result<()> {
+    let command: Value =
+        serde_json::from_str(&c.command).context("the guest command must be JSON")?;
+    let v = guest_call(&g.client(), &c.vm, command, Duration::from_secs(c.timeout)).await?;
+    out.result("guest", &v, || {
+        serde_json::to_string_pretty(&v).unwrap_or_default()
+    });
+    Ok(())
+}

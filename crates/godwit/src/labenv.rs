@@ -1,0 +1,166 @@
+//! The lab as the CLI sees it: one agent per lab site, started inside the
+//! site's network namespace, trusting every other site's agent.
+//!
+//! Layout (all ephemeral, under the lab state directory):
+//! `sites/<site>/agent.toml`, `agent.sock`, `agent.log`, `state/`, `run/`;
+//! guest RAM in `/dev/shm/godwit/lab-<site>`.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use godwit_agent::client::ApiClient;
+use godwit_agent::config::{self, AgentConfig, PeerEntry};
+use godwit_lab::{LabSpec, LabState};
+
+/// Default lab state directory.
+pub fn state_dir() -> PathBuf {
+    godwit_lab::topology::default_state_dir()
+}
+
+/// Directory of a site's agent.
+pub fn site_dir(site: &str) -> PathBuf {
+    state_dir().join("sites").join(site)
+}
+
+/// API socket of a lab site's agent.
+pub fn site_socket(site: &str) -> PathBuf {
+    site_dir(site).join("agent.sock")
+}
+
+/// UDP port of lab agents.
+pub const LAB_PEER_PORT: u16 = godwit_agent::config::DEFAULT_PEER_PORT;
+
+/// Loads the running lab, or explains how to start one.
+pub fn require_lab() -> Result<LabState> {
+    godwit_lab::topology::load_state(&state_dir())?
+        .context("no lab is up (start one with `godwit lab up`)")
+}
+
+/// Brings up the topology and one agent per site.
+pub async fn up(spec: &LabSpec, accel: godwit_qemu::Accel) -> Result<LabState> {
+    let exe = std::env::current_exe().context("locating the godwit binary")?;
+    let mut daemon = std::process::Command::new(&exe);
+    daemon.args(["lab", "wan-daemon"]);
+    let st = godwit_lab::topology::up(spec, &state_dir(), &daemon)
+        .context("building the lab topology")?;
+    if let Err(e) = start_agents(&st, &exe, accel).await {
+        let _ = down();
+        return Err(e);
+    }
+    Ok(st)
+}
+
+async fn start_agents(st: &LabState, exe: &Path, accel: godwit_qemu::Accel) -> Result<()> {
+    let mut cfgs = Vec::new();
+    let mut reports = Vec::new();
+    for site in &st.sites {
+        let dir = site_dir(&site.name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let cfg_path = dir.join("agent.toml");
+        let rep = config::init(&config::InitOptions {
+            name: site.name.clone(),
+            site: site.name.clone(),
+            state_dir: dir.join("state"),
+            run_dir: dir.join("run"),
+            api_socket: dir.join("agent.sock"),
+            listen: (site.addr, LAB_PEER_PORT).into(),
+            metrics_listen: "127.0.0.1:9480".parse().ok(),
+            accel,
+            config_path: cfg_path.clone(),
+            force: true,
+        })
+        .with_context(|| format!("initialising the agent of site {}", site.name))?;
+        reports.push(rep);
+        cfgs.push(cfg_path);
+    }
+    for (i, site) in st.sites.iter().enumerate() {
+        let mut cfg = AgentConfig::load(&cfgs[i])?;
+        cfg.qemu.ram_dir = PathBuf::from(format!("/dev/shm/godwit/lab-{}", site.name));
+        cfg.peers = reports
+            .iter()
+            .filter(|r| r.name != site.name)
+            .map(|r| PeerEntry {
+                name: r.name.clone(),
+                site: r.site.clone(),
+                addr: r.listen,
+                fingerprint: r.fingerprint.clone(),
+            })
+            .collect();
+        cfg.save(&cfgs[i])?;
+        let log = std::fs::File::create(site_dir(&site.name).join("agent.log"))?;
+        let mut cmd = godwit_lab::netns::command_in(&site.netns, exe);
+        cmd.args(["agent", "--config"])
+            .arg(&cfgs[i])
+            .env(
+                "RUST_LOG",
+                std::env::var("GODWIT_LAB_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        detach(&mut cmd);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting the agent of site {}", site.name))?;
+        std::fs::write(
+            site_dir(&site.name).join("agent.pid"),
+            child.id().to_string(),
+        )?;
+    }
+    for site in &st.sites {
+        wait_agent(&site.name, Duration::from_secs(20)).await?;
+    }
+    Ok(())
+}
+
+/// Puts the child in its own session so it outlives this command.
+fn detach(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setsid is async-signal-safe and touches no memory of the
+    // parent; it runs in the forked child before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+}
+
+/// Waits until a site's agent answers.
+pub async fn wait_agent(site: &str, timeout: Duration) -> Result<()> {
+    let client = ApiClient::new(site_socket(site));
+    let t0 = Instant::now();
+    loop {
+        match client.get::<serde_json::Value>("/v1/status").await {
+            Ok(_) => return Ok(()),
+            Err(e) if t0.elapsed() > timeout => {
+                let log =
+                    std::fs::read_to_string(site_dir(site).join("agent.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(10).collect();
+                bail!(
+                    "the agent of site {site} did not start: {e}\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// Tears the lab down: agents, QEMUs, namespaces, the WAN daemon, files.
+pub fn down() -> Result<()> {
+    // Processes inside the namespaces (agents, QEMUs) are killed by the
+    // topology teardown; the files are ours.
+    godwit_lab::topology::down(&state_dir()).context("tearing down the lab")?;
+    if let Ok(entries) = std::fs::read_dir("/dev/shm/godwit") {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with("lab-") {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    Ok(())
+}
