@@ -73,7 +73,8 @@ pub struct AgentConfig {
     pub api_socket: PathBuf,
     /// UDP address of the QUIC endpoint.
     pub listen: SocketAddr,
-    /// TCP address serving Prometheus `/metrics` (empty to disable).
+    /// TCP address serving Prometheus `/metrics` (also served on the API
+    /// socket). Defaults to loopback.
     #[serde(default = "default_metrics")]
     pub metrics_listen: Option<SocketAddr>,
     /// Hypervisor settings.

@@ -14,6 +14,7 @@
 //! - [`guest`]: the channel to the in-guest measuring tool.
 //! - [`peer`]: trusted peers and control calls to them.
 //! - [`relay`]: pumps carrying QEMU's migration stream over a peer stream.
+//! - [`rpgate`]: the destination's gate on QEMU's return path (who owns the VM).
 //! - [`migration`]: the source and destination state machines.
 //! - [`metrics`]: Prometheus counters.
 #![warn(missing_docs)]
@@ -26,6 +27,7 @@ pub mod metrics;
 pub mod migration;
 pub mod peer;
 pub mod relay;
+pub mod rpgate;
 pub mod vm;
 
 use std::sync::{Arc, Mutex};
@@ -184,13 +186,17 @@ pub async fn run(
         ram_dir: cfg.qemu.ram_dir.clone(),
     };
     let vms = vm::VmManager::new(host, &cfg.state_dir);
-    vms.readopt().await;
+    let arrived = vms.readopt().await;
+    let migrations = migration::Migrations::default();
+    for id in arrived {
+        migrations.record_outcome(id, godwit_wire::IncomingOutcome::Running);
+    }
     let agent = Arc::new(Agent {
         peers: peer::Peers::new(cfg.name.clone(), transport.clone(), cfg.peers.clone()),
         cfg,
         config_path,
         vms,
-        migrations: migration::Migrations::default(),
+        migrations,
         metrics: metrics::Metrics::default(),
         fingerprint,
         held_sockets: Mutex::new(Vec::new()),

@@ -23,6 +23,8 @@ use godwit_wire::{Frame, FrameCodec, RelayWindow};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
+use crate::rpgate::{ReturnGate, ReturnPathParser, MSG_SHUT};
+
 /// Largest chunk of QEMU's stream put into one frame.
 pub const CHUNK: usize = 64 << 10;
 /// How long the source waits for the destination's end of stream after
@@ -60,6 +62,10 @@ pub enum RelayError {
     /// The destination did not finish its side in time.
     #[error("peer did not end its stream within {0:?}")]
     EndTimeout(Duration),
+    /// The destination gave the migration up before its QEMU finished
+    /// (the return path was fenced; see [`crate::rpgate`]).
+    #[error("the destination gave the migration up")]
+    Fenced,
 }
 
 /// Counters of one relay, readable while it runs.
@@ -283,11 +289,15 @@ where
 }
 
 /// Destination side: peer stream ⇄ the destination QEMU's incoming socket.
+///
+/// The return path is parsed into messages and SHUT passes only through
+/// `gate` (see [`crate::rpgate`]).
 pub async fn run_destination<Q, PR, PW>(
     qemu: Q,
     peer_rx: PR,
     mut peer_tx: PW,
     stats: Arc<RelayStats>,
+    gate: Arc<ReturnGate>,
     mut cancel: watch::Receiver<Option<String>>,
 ) -> Result<(), RelayError>
 where
@@ -302,7 +312,8 @@ where
     let mut acked = 0u64;
     let mut qemu_done = false;
     let mut peer_done = false;
-    let result = loop {
+    let mut rp = ReturnPathParser::default();
+    let result = 'relay: loop {
         if qemu_done && peer_done {
             break Ok(());
         }
@@ -336,10 +347,21 @@ where
                     qemu_done = true;
                     if let Err(e) = send_frame(&mut peer_tx, &Frame::End, &stats).await { break Err(e); }
                     let _ = peer_tx.shutdown().await;
-                } else {
-                    let f = Frame::Data(Bytes::copy_from_slice(&buf[..n]));
-                    if let Err(e) = send_frame(&mut peer_tx, &f, &stats).await { break Err(e); }
-                    stats.return_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    continue;
+                }
+                rp.handle_input(&buf[..n]);
+                loop {
+                    let msg = match rp.poll_message() {
+                        Ok(Some(m)) => m,
+                        Ok(None) => break,
+                        Err(e) => break 'relay Err(RelayError::Protocol(format!("destination QEMU: {e}"))),
+                    };
+                    if msg.kind == MSG_SHUT && !gate.pass_shut() {
+                        break 'relay Err(RelayError::Fenced);
+                    }
+                    let len = msg.bytes.len() as u64;
+                    if let Err(e) = send_frame(&mut peer_tx, &Frame::Data(Bytes::from(msg.bytes)), &stats).await { break 'relay Err(e); }
+                    stats.return_bytes.fetch_add(len, Ordering::Relaxed);
                 }
             }
             _ = cancel.changed() => {
@@ -365,6 +387,9 @@ mod tests {
     use super::*;
     use tokio::io::duplex;
 
+    /// QEMU's SHUT(0) message.
+    const SHUT: [u8; 8] = [0, 1, 0, 4, 0, 0, 0, 0];
+
     /// A fake source QEMU writes a stream and waits for a "SHUT" on the
     /// return path; a fake destination QEMU reads it all, answers, closes.
     #[tokio::test]
@@ -386,20 +411,22 @@ mod tests {
             s_stats.clone(),
             cancel1,
         ));
+        let gate = Arc::new(ReturnGate::default());
         let dst = tokio::spawn(run_destination(
             dst_agent_q,
             b_from_a,
             b_to_a,
             d_stats.clone(),
+            gate.clone(),
             cancel2,
         ));
         let p = payload.clone();
         let fake_src = tokio::spawn(async move {
             let (mut rd, mut wr) = tokio::io::split(src_qemu);
             wr.write_all(&p).await.unwrap();
-            let mut shut = [0u8; 4];
+            let mut shut = [0u8; 8];
             rd.read_exact(&mut shut).await.unwrap();
-            assert_eq!(&shut, b"SHUT");
+            assert_eq!(shut, SHUT);
             wr.shutdown().await.unwrap();
             drop(wr);
             let mut rest = Vec::new();
@@ -411,7 +438,7 @@ mod tests {
             let mut got = vec![0u8; payload.len()];
             rd.read_exact(&mut got).await.unwrap();
             assert_eq!(got, payload);
-            wr.write_all(b"SHUT").await.unwrap();
+            wr.write_all(&SHUT).await.unwrap();
             wr.shutdown().await.unwrap();
             let mut rest = Vec::new();
             rd.read_to_end(&mut rest).await.unwrap();
@@ -423,7 +450,40 @@ mod tests {
         dst.await.unwrap().unwrap();
         assert_eq!(s_stats.stream_bytes.load(Ordering::Relaxed), 3_000_000);
         assert_eq!(d_stats.stream_bytes.load(Ordering::Relaxed), 3_000_000);
-        assert_eq!(s_stats.return_bytes.load(Ordering::Relaxed), 4);
+        assert_eq!(s_stats.return_bytes.load(Ordering::Relaxed), 8);
+        assert!(gate.shut_passed());
+    }
+
+    /// A fenced gate keeps SHUT from ever reaching the source.
+    #[tokio::test]
+    async fn fenced_gate_blocks_shut() {
+        let (mut dst_qemu, dst_agent_q) = duplex(1 << 16);
+        let (_a_to_b, b_from_a) = duplex(1 << 16);
+        let (b_to_a, mut a_from_b) = duplex(1 << 16);
+        let (_c, cancel) = watch::channel(None);
+        let gate = Arc::new(ReturnGate::default());
+        assert!(!gate.fence());
+        let dst = tokio::spawn(run_destination(
+            dst_agent_q,
+            b_from_a,
+            b_to_a,
+            Arc::new(RelayStats::default()),
+            gate,
+            cancel,
+        ));
+        dst_qemu.write_all(&[0, 2, 0, 4, 0, 0, 0, 1]).await.unwrap();
+        dst_qemu.write_all(&SHUT).await.unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(5), dst)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(r, Err(RelayError::Fenced)), "{r:?}");
+        let mut seen = Vec::new();
+        let _ =
+            tokio::time::timeout(Duration::from_millis(200), a_from_b.read_to_end(&mut seen)).await;
+        // The PONG went out; the SHUT did not.
+        assert!(seen.windows(8).any(|w| w == [0, 2, 0, 4, 0, 0, 0, 1]));
+        assert!(!seen.windows(8).any(|w| w == SHUT));
     }
 
     /// Cutting the peer stream fails the source relay with a peer error and

@@ -80,6 +80,10 @@ struct VmRecord {
     spec: VmSpec,
     instance: QemuInstance,
     state: VmState,
+    /// The incoming migration that brought the VM here, if any: a restarted
+    /// agent must still answer the source's `QueryOutcome` for it.
+    #[serde(default)]
+    migration: Option<String>,
 }
 
 /// One VM with its live connections.
@@ -92,6 +96,8 @@ pub struct VmHandle {
     pub qmp: QmpClient,
     /// Guest tool channel.
     pub guest: GuestChannel,
+    /// The incoming migration that brought it here, if any.
+    pub migration: Option<String>,
     state: Mutex<VmState>,
 }
 
@@ -162,10 +168,12 @@ impl VmManager {
     }
 
     /// Re-adopts VMs whose QEMU still runs after an agent restart; removes
-    /// records of those that died meanwhile.
-    pub async fn readopt(&self) {
+    /// records of those that died meanwhile. Returns the incoming
+    /// migrations whose VM was found running (their outcome is `running`).
+    pub async fn readopt(&self) -> Vec<String> {
+        let mut arrived = Vec::new();
         let Ok(dir) = std::fs::read_dir(&self.records_dir) else {
-            return;
+            return arrived;
         };
         for entry in dir.flatten() {
             let path = entry.path();
@@ -179,7 +187,7 @@ impl VmManager {
                     continue;
                 }
             };
-            if !godwit_qemu::is_alive(rec.instance.pid) {
+            if !rec.instance.is_running() {
                 info!(
                     vm = rec.spec.name,
                     "VM from a previous run is gone; removing its record"
@@ -195,37 +203,50 @@ impl VmManager {
                     continue;
                 }
             };
+            let status = qmp
+                .execute_timeout("query-status", json!({}), QMP_TIMEOUT)
+                .await
+                .ok()
+                .and_then(|v| v.get("status").and_then(|r| r.as_str()).map(str::to_owned))
+                .unwrap_or_default();
+            if rec.state == VmState::Incoming && status != "running" {
+                // An incoming QEMU whose agent died has lost its stream and
+                // never started the guest, so no SHUT left: it owns nothing.
+                info!(
+                    vm = rec.spec.name,
+                    "discarding an incoming QEMU left by a previous run"
+                );
+                let _ = godwit_qemu::terminate(&rec.instance, Some(&qmp), Duration::ZERO).await;
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            if status == "postmigrate" {
+                // The guest completed a migration away: it runs elsewhere.
+                info!(
+                    vm = rec.spec.name,
+                    "retiring a source QEMU whose migration completed"
+                );
+                let _ = godwit_qemu::terminate(&rec.instance, Some(&qmp), Duration::ZERO).await;
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
             if rec.state == VmState::Incoming {
-                // An incoming QEMU whose agent died has lost its stream. If
-                // it had everything and started the guest, the VM is ours
-                // (its source saw SHUT only after that start); otherwise it
-                // owns nothing and is discarded.
-                let running = qmp
-                    .execute_timeout("query-status", json!({}), QMP_TIMEOUT)
-                    .await
-                    .ok()
-                    .and_then(|v| v.get("running").and_then(|r| r.as_bool()))
-                    .unwrap_or(false);
-                if !running {
-                    info!(
-                        vm = rec.spec.name,
-                        "discarding an incoming QEMU left by a previous run"
-                    );
-                    let _ = godwit_qemu::terminate(&rec.instance, Some(&qmp), Duration::ZERO).await;
-                    let _ = std::fs::remove_file(&path);
-                    continue;
+                if let Some(id) = &rec.migration {
+                    arrived.push(id.clone());
                 }
             }
             info!(
                 vm = rec.spec.name,
                 pid = rec.instance.pid,
-                "re-adopted running VM"
+                status,
+                "re-adopted VM"
             );
-            let h = self.insert(rec.spec, rec.instance, qmp, VmState::Running);
+            let h = self.insert(rec.spec, rec.instance, qmp, VmState::Running, rec.migration);
             if let Err(e) = self.persist(&h) {
                 warn!(vm = h.spec.name, cause = %e, "cannot persist VM record");
             }
         }
+        arrived
     }
 
     fn insert(
@@ -234,6 +255,7 @@ impl VmManager {
         instance: QemuInstance,
         qmp: QmpClient,
         state: VmState,
+        migration: Option<String>,
     ) -> Arc<VmHandle> {
         let guest = GuestChannel::spawn(spec.name.clone(), instance.guest_socket.clone());
         let h = Arc::new(VmHandle {
@@ -241,6 +263,7 @@ impl VmManager {
             instance,
             qmp,
             guest,
+            migration,
             state: Mutex::new(state),
         });
         self.map().insert(h.spec.name.clone(), h.clone());
@@ -285,6 +308,7 @@ impl VmManager {
             spec: h.spec.clone(),
             instance: h.instance.clone(),
             state: h.state(),
+            migration: h.migration.clone(),
         };
         let tmp = path.with_extension("json.tmp");
         let text = serde_json::to_vec_pretty(&rec).map_err(|e| err(std::io::Error::other(e)))?;
@@ -307,8 +331,13 @@ impl VmManager {
             })
     }
 
-    /// Launches a VM (fresh boot or waiting for an incoming migration).
-    pub async fn launch(&self, spec: VmSpec, mode: LaunchMode) -> Result<Arc<VmHandle>, VmError> {
+    /// Launches a VM (fresh boot, or waiting for incoming migration `migration`).
+    pub async fn launch(
+        &self,
+        spec: VmSpec,
+        mode: LaunchMode,
+        migration: Option<String>,
+    ) -> Result<Arc<VmHandle>, VmError> {
         let name = spec.name.clone();
         if self.map().contains_key(&name) {
             return Err(VmError::Exists(name));
@@ -329,7 +358,7 @@ impl VmManager {
             LaunchMode::Fresh => VmState::Running,
             LaunchMode::Incoming => VmState::Incoming,
         };
-        let h = self.insert(spec, instance, qmp, state);
+        let h = self.insert(spec, instance, qmp, state, migration);
         self.persist(&h)?;
         info!(vm = name, pid = h.instance.pid, ?mode, "QEMU launched");
         Ok(h)

@@ -92,6 +92,32 @@ fn kv(a: &mut Vec<OsString>, k: &str, v: String) {
     a.push(v.into());
 }
 
+/// Extra guest RAM under TCG, KiB: works around a QEMU dirty-tracking bug.
+///
+/// QEMU (seen on 7.2) syncs the migration dirty bitmap of a RAM block on
+/// a fast path when the block starts and ends on 64-page (256 KiB)
+/// boundaries. That path clears the dirty bits but does not re-arm TCG's
+/// softmmu TLB write trap (`tlb_reset_dirty`; only KVM implements the
+/// `log_clear` hook it calls instead), so guest writes through TLB entries
+/// cached before the sync are never recorded again. Kernel data behind
+/// long-lived global TLB entries then arrives stale at the destination and
+/// the guest crashes after migration (an hrtimer callback jumping to a
+/// garbage address, reproduced with plain QEMU-to-QEMU migration and both
+/// file and anonymous RAM). A block length that is not a multiple of
+/// 256 KiB sends QEMU down the per-page path, which does re-arm the trap.
+/// 8 KiB because QEMU rounds `-m` up to 8 KiB. KVM tracks dirty pages in
+/// the kernel and needs no padding.
+pub const TCG_DIRTY_SYNC_PAD_KIB: u64 = 8;
+
+/// Guest RAM as given to QEMU, KiB (see [`TCG_DIRTY_SYNC_PAD_KIB`]).
+pub fn guest_ram_kib(spec: &VmSpec, accel: Accel) -> u64 {
+    let base = spec.memory_mib * 1024;
+    match accel {
+        Accel::Tcg => base + TCG_DIRTY_SYNC_PAD_KIB,
+        Accel::Kvm => base,
+    }
+}
+
 /// The full QEMU argument vector (without the binary).
 pub fn build_args(
     spec: &VmSpec,
@@ -123,14 +149,14 @@ pub fn build_args(
     if let Some(cpu) = &spec.cpu {
         kv(&mut a, "-cpu", cpu.clone());
     }
-    kv(&mut a, "-m", format!("{}M", spec.memory_mib));
+    let ram_kib = guest_ram_kib(spec, host.accel);
+    kv(&mut a, "-m", format!("{ram_kib}k"));
     kv(&mut a, "-smp", spec.vcpus.to_string());
     kv(
         &mut a,
         "-object",
         format!(
-            "memory-backend-file,id={RAM_BACKEND_ID},size={}M,mem-path={},share=on",
-            spec.memory_mib,
+            "memory-backend-file,id={RAM_BACKEND_ID},size={ram_kib}k,mem-path={},share=on",
             opt_escape(&inst.ram_file)
         ),
     );
@@ -280,7 +306,7 @@ mod tests {
         );
         assert_eq!(
             value_of(&a, "-object"),
-            ["memory-backend-file,id=mem0,size=256M,mem-path=/dev/shm/godwit/vm1-abc.ram,share=on"]
+            ["memory-backend-file,id=mem0,size=262152k,mem-path=/dev/shm/godwit/vm1-abc.ram,share=on"]
         );
         assert!(!a.iter().any(|s| s.contains("memfd")));
         assert_eq!(value_of(&a, "-append"), ["console=ttyS0 quiet"]);

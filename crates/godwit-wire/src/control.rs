@@ -147,7 +147,7 @@ pub enum ErrorCode {
 pub enum ControlResponse {
     /// Answer to `Hello`.
     Hello {
-        /// Negotiated version.
+        /// The responder's highest protocol version.
         version: u16,
         /// Responder's agent name.
         agent: String,

@@ -20,7 +20,7 @@
 //!                  client ◀── Control(response) ── server     (then both finish)
 //!
 //! memory stream:   source ── Open(MemoryOpen) ──▶ destination
-//!                  source ◀── Control(Accepted) or Abort ──
+//!                  source ◀── Control(Ok) or Abort ──
 //!                  source ── Data* … End ──────▶      (QEMU's migration stream)
 //!                  source ◀── Data* (return path) + Ack(consumed) ──
 //!                  either side ── Abort(reason) ──▶   on failure

@@ -14,7 +14,7 @@
 //! | POST | /v1/migrations | [`types::StartMigration`] → `MigrationInfo` |
 //! | GET | /v1/migrations/{id} | → `MigrationInfo` |
 //! | GET | /v1/peers | → `[PeerStatus]` |
-//! | POST | /v1/peers | [`types::AddPeer`] → `PeerStatus` |
+//! | POST | /v1/peers | [`types::AddPeer`] → `[PeerStatus]` |
 //! | GET | /metrics | → Prometheus text |
 //!
 //! Errors answer with an HTTP status and a [`types::ApiErrorBody`].

@@ -213,7 +213,7 @@ async fn create_vm(State(a): State<Arc<Agent>>, Json(req): Json<CreateVm>) -> Ap
     };
     spec.validate()
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))?;
-    let h = a.vms.launch(spec, LaunchMode::Fresh).await?;
+    let h = a.vms.launch(spec, LaunchMode::Fresh, None).await?;
     Ok(Json(a.vms.info(&h).await))
 }
 

@@ -150,7 +150,7 @@ pub struct MigrationProgress {
     pub remaining_bytes: u64,
     /// QEMU's throughput estimate, bits per second.
     pub rate_bps: f64,
-    /// Guest dirty rate, bytes per second.
+    /// Guest dirty rate, bits per second (like `rate_bps`).
     pub dirty_rate_bps: f64,
     /// QEMU's expected downtime, ms.
     pub expected_downtime_ms: Option<u64>,

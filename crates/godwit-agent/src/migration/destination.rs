@@ -9,12 +9,15 @@
 //!   Failed --> [*]: QEMU discarded
 //! ```
 //!
-//! The outcome is decided here and only here, under one lock: whatever
-//! this side answers to `QueryOutcome` is final, and the source follows
-//! it. `Failed` is only declared after the relay has stopped forwarding
-//! the return path and QEMU was seen not running — QEMU sends the SHUT
-//! that lets the source complete only after it started the guest, so a
-//! source can never have completed towards a destination that then fails.
+//! The outcome is decided here and only here: whatever this side answers
+//! to `QueryOutcome` is final, and the source follows it. The deciding
+//! fact is whether QEMU's SHUT message (which lets the source complete and
+//! retire its copy) has left this host: the relay forwards it only through
+//! the job's [`ReturnGate`], and the failure path fences that gate first.
+//! A SHUT that passed means the VM is ours (`Running`); a fenced gate means
+//! the source can never complete, so discarding our QEMU is safe. Which of
+//! the two happened first is settled under the gate's lock, so there is no
+//! window in which both copies, or neither, could be considered live.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,6 +32,7 @@ use tracing::{info, warn, Instrument};
 
 use crate::api::types::VmState;
 use crate::relay::{read_first_frame, run_destination, write_frame, RelayStats};
+use crate::rpgate::ReturnGate;
 use crate::vm::VmHandle;
 use crate::Agent;
 
@@ -47,6 +51,8 @@ pub struct IncomingJob {
     pub socket: PathBuf,
     /// Relay counters.
     pub relay: Arc<RelayStats>,
+    /// Gate on the return path's SHUT.
+    pub gate: Arc<ReturnGate>,
     started: Instant,
     stream_taken: AtomicBool,
     outcome: Mutex<IncomingOutcome>,
@@ -92,7 +98,11 @@ pub async fn prepare(
         );
     }
     let name = spec.name.clone();
-    let vm = match agent.vms.launch(spec, LaunchMode::Incoming).await {
+    let vm = match agent
+        .vms
+        .launch(spec, LaunchMode::Incoming, Some(migration_id.clone()))
+        .await
+    {
         Ok(h) => h,
         Err(crate::vm::VmError::Exists(n)) => {
             return error(
@@ -139,6 +149,7 @@ pub async fn prepare(
         vm,
         socket,
         relay: Arc::new(RelayStats::default()),
+        gate: Arc::new(ReturnGate::default()),
         started: Instant::now(),
         // A direct migration never gets a relayed stream.
         stream_taken: AtomicBool::new(direct),
@@ -161,27 +172,30 @@ pub async fn prepare(
     }
 }
 
-/// Declares the incoming side failed — unless QEMU already runs the guest,
-/// in which case it is ours (see the module docs for why this is safe).
+/// Declares the incoming side failed, unless the SHUT already left (then
+/// the VM is ours). See the module docs for why this is exact.
 async fn settle_failure(agent: &Agent, job: &IncomingJob, reason: String) -> IncomingOutcome {
     let _ = job.cancel.send(Some(reason.clone()));
-    let running = !job.vm.qmp.is_closed()
-        && matches!(
-            tokio::time::timeout(Duration::from_secs(2), job.vm.qemu_status()).await,
-            Ok(Ok((_, true)))
-        );
+    let shut_passed = job.gate.fence();
+    // With the gate fenced the source cannot complete; if QEMU nevertheless
+    // runs the guest, keeping it is as consistent as discarding it, and it
+    // holds the newest state.
+    let running = shut_passed
+        || (!job.vm.qmp.is_closed()
+            && matches!(
+                tokio::time::timeout(Duration::from_secs(2), job.vm.qemu_status()).await,
+                Ok(Ok((_, true)))
+            ));
     let decided = {
         let mut o = job.outcome.lock().unwrap_or_else(|p| p.into_inner());
-        match &*o {
-            IncomingOutcome::Loading if running => {
-                *o = IncomingOutcome::Running;
-            }
-            IncomingOutcome::Loading | IncomingOutcome::Unknown => {
-                *o = IncomingOutcome::Failed {
+        if matches!(*o, IncomingOutcome::Loading | IncomingOutcome::Unknown) {
+            *o = if running {
+                IncomingOutcome::Running
+            } else {
+                IncomingOutcome::Failed {
                     reason: reason.clone(),
-                };
-            }
-            _ => {}
+                }
+            };
         }
         o.clone()
     };
@@ -355,7 +369,15 @@ pub async fn accept_memory_stream(
         return;
     }
     let cancel = job.cancel.subscribe();
-    let result = run_destination(qemu, recv, send, job.relay.clone(), cancel).await;
+    let result = run_destination(
+        qemu,
+        recv,
+        send,
+        job.relay.clone(),
+        job.gate.clone(),
+        cancel,
+    )
+    .await;
     agent
         .metrics
         .relay_rx_bytes
@@ -384,6 +406,7 @@ pub fn query(agent: &Agent, id: &str) -> ControlResponse {
         .migrations
         .incoming(id)
         .map(|j| j.outcome())
+        .or_else(|| agent.migrations.decided(id))
         .unwrap_or(IncomingOutcome::Unknown);
     ControlResponse::Outcome {
         migration_id: id.into(),

@@ -45,6 +45,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use godwit_wire::IncomingOutcome;
+
 use crate::api::types::{MigrationInfo, MigrationPhase, MigrationProgress, MigrationReport};
 use crate::relay::RelayStats;
 
@@ -192,6 +194,9 @@ impl MigrationJob {
 pub struct Migrations {
     outgoing: Arc<Mutex<HashMap<String, Arc<MigrationJob>>>>,
     incoming: Arc<Mutex<HashMap<String, Arc<destination::IncomingJob>>>>,
+    /// Outcomes of incoming migrations whose job did not survive an agent
+    /// restart (rebuilt from VM records).
+    decided: Arc<Mutex<HashMap<String, IncomingOutcome>>>,
 }
 
 impl Migrations {
@@ -231,6 +236,23 @@ impl Migrations {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(job.id.clone(), job);
+    }
+
+    /// Records the outcome of an incoming migration learnt at start-up.
+    pub fn record_outcome(&self, id: String, outcome: IncomingOutcome) {
+        self.decided
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, outcome);
+    }
+
+    /// A recorded outcome.
+    pub fn decided(&self, id: &str) -> Option<IncomingOutcome> {
+        self.decided
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
     }
 
     /// An incoming job by id.

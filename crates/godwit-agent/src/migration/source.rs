@@ -26,7 +26,7 @@ use godwit_wire::{
 use serde_json::{json, Value};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
-use tracing::{info, warn, Instrument};
+use tracing::{error, info, warn, Instrument};
 
 use super::{new_id, MigrationError, MigrationJob};
 use crate::api::types::{
@@ -120,12 +120,12 @@ async fn run(
         Ending::Failed(why) => {
             agent.vms.set_state(&vm, VmState::Running);
             agent.metrics.migrations_failed.inc();
-            warn!(cause = why, "migration failed; the VM keeps running here");
+            error!(cause = why, "migration failed; the VM keeps running here");
             job.finish(MigrationPhase::Failed, report, Some(why));
         }
         Ending::Undecided(why, socket) => {
             agent.metrics.migrations_failed.inc();
-            warn!(cause = why, "migration undecided; the VM stays paused here");
+            error!(cause = why, "migration undecided; the VM stays paused here");
             job.finish(MigrationPhase::Undecided, report, Some(why));
             // Holding the socket keeps QEMU from failing the migration and
             // resuming a guest that may run at the destination.
@@ -317,7 +317,16 @@ async fn transfer(
         .await
         .map_err(MigrationError::Relay)?
     {
-        Frame::Control(_) => {}
+        f @ Frame::Control(_) => match f.json::<ControlResponse>() {
+            Ok(ControlResponse::Ok) => {}
+            Ok(other) => {
+                return Err(MigrationError::Refused {
+                    peer: peer.name.clone(),
+                    message: format!("{other:?}"),
+                })
+            }
+            Err(e) => return Err(MigrationError::Relay(RelayError::Protocol(e.to_string()))),
+        },
         Frame::Abort(why) => {
             return Err(MigrationError::Refused {
                 peer: peer.name.clone(),

@@ -93,7 +93,7 @@ pub async fn run(a: AgentCmd, _g: &Global, out: Out) -> Result<()> {
             })?;
             out.result("agent_init", &rep, || {
                 format!(
-                    "wrote {}\nagent {} (site {}) listens on {}\nfingerprint {}\nOn each peer: godwit peer add {} --site {} --addr <this host>:{} --fingerprint {}",
+                    "wrote {}\nagent {} (site {}) listens on {}\nfingerprint {}\nOn each peer: godwit peer add {} --peer-site {} --addr <this host>:{} --fingerprint {}",
                     rep.config.display(),
                     rep.name,
                     rep.site,
@@ -178,8 +178,9 @@ pub enum PeerCmd {
     Add {
         /// Peer agent name.
         name: String,
-        /// Its site (default: its name).
-        #[arg(long)]
+        /// Its site (default: its name). Not `--site`, which picks a lab
+        /// agent for every command.
+        #[arg(long = "peer-site")]
         site: Option<String>,
         /// Its QUIC address.
         #[arg(long)]

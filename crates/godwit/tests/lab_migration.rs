@@ -1,0 +1,349 @@
+//! End-to-end tests: real QEMU guests (TCG) in a two-site lab over the
+//! emulated WAN, migrated through the agents by the `godwit` binary, as a
+//! user would run it.
+//!
+//! Needs root, QEMU, the guest image prerequisites and the static guest
+//! tool (`scripts/build-guest.sh`); `scripts/test` provides all of them.
+//! The lab is a machine-wide resource, so the tests take a lock and run
+//! one at a time.
+
+use std::process::{Command, Output};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+static LAB: Mutex<()> = Mutex::new(());
+
+const GODWIT: &str = env!("CARGO_BIN_EXE_godwit");
+
+fn godwit(args: &[&str]) -> Output {
+    Command::new(GODWIT)
+        .args(args)
+        .env_remove("GODWIT_SOCKET")
+        .output()
+        .expect("running the godwit binary")
+}
+
+/// Runs a command that must succeed; returns its JSON lines.
+fn ok(args: &[&str]) -> Vec<Value> {
+    let out = godwit(args);
+    assert!(
+        out.status.success(),
+        "godwit {args:?} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    json_lines(&out)
+}
+
+fn json_lines(out: &Output) -> Vec<Value> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn last_data(lines: &[Value], kind: &str) -> Value {
+    lines
+        .iter()
+        .rev()
+        .find(|l| l["type"] == kind)
+        .map(|l| l["data"].clone())
+        .unwrap_or_else(|| panic!("no {kind:?} line in {lines:?}"))
+}
+
+/// A lab that is torn down when the test ends, pass or fail.
+struct Lab;
+
+impl Lab {
+    fn up(delay: &str, rate: &str) -> Lab {
+        let _ = godwit(&["lab", "down"]);
+        ok(&["--json", "image", "build"]);
+        ok(&[
+            "--json", "lab", "up", "--sites", "2", "--delay", delay, "--rate", rate,
+        ]);
+        Lab
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let out = godwit(&["lab", "down"]);
+        if !out.status.success() {
+            eprintln!("lab down failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+}
+
+fn guest(site: &str, vm: &str, cmd: Value) -> Value {
+    let c = cmd.to_string();
+    last_data(
+        &ok(&[
+            "--json",
+            "--site",
+            site,
+            "guest",
+            vm,
+            &c,
+            "--timeout",
+            "300",
+        ]),
+        "guest",
+    )
+}
+
+/// Boots the test guest at site `a` with memdirty running; returns its boot id.
+fn boot_with_memdirty(vm: &str, memory: &str, mib: u64, rate: u64) -> String {
+    ok(&[
+        "--json", "--site", "a", "vm", "create", vm, "--memory", memory, "--wait",
+    ]);
+    let started = guest(
+        "a",
+        vm,
+        json!({"cmd": "memdirty_start", "mib": mib, "rate_pages_per_s": rate, "pattern": "random"}),
+    );
+    assert_eq!(started["report"], "ack", "{started}");
+    let info = last_data(&ok(&["--json", "--site", "a", "vm", "show", vm]), "vm");
+    info["guest"]["boot_id"]
+        .as_str()
+        .expect("boot id")
+        .to_owned()
+}
+
+fn vm_names(site: &str) -> Vec<String> {
+    let v = last_data(&ok(&["--json", "--site", site, "vm", "list"]), "vms");
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Memory verification at `site`: every memdirty page checked, none wrong.
+fn assert_memory_intact(site: &str, vm: &str) -> u64 {
+    let v = guest(site, vm, json!({"cmd": "memdirty_verify"}));
+    assert_eq!(v["report"], "verify", "{v}");
+    assert_eq!(v["errors"], 0, "memory errors at {site}: {v}");
+    let pages = v["pages"].as_u64().unwrap();
+    assert!(pages > 0, "{v}");
+    pages
+}
+
+fn assert_runs_at(site: &str, vm: &str, boot_id: &str) {
+    // A guest call waits until the guest tool has greeted this agent.
+    guest(site, vm, json!({"cmd": "ping"}));
+    let info = last_data(&ok(&["--json", "--site", site, "vm", "show", vm]), "vm");
+    assert_eq!(info["state"], "running", "{info}");
+    assert_eq!(info["qemu_status"], "running", "{info}");
+    assert_eq!(
+        info["guest"]["boot_id"], boot_id,
+        "the guest rebooted: {info}"
+    );
+    // The guest keeps running: its clock advances and memdirty keeps
+    // rewriting pages.
+    let s1 = guest(site, vm, json!({"cmd": "status"}));
+    std::thread::sleep(Duration::from_millis(1000));
+    let s2 = guest(site, vm, json!({"cmd": "status"}));
+    assert!(
+        s2["uptime_ms"].as_u64() > s1["uptime_ms"].as_u64(),
+        "{s1} {s2}"
+    );
+    let dirtied = |s: &Value| s["memdirty"]["pages_dirtied"].as_u64().unwrap_or(0);
+    assert!(dirtied(&s2) > dirtied(&s1), "memdirty stopped: {s1} {s2}");
+}
+
+fn migrate_and_check(delay: &str) {
+    let _g = LAB.lock().unwrap_or_else(|p| p.into_inner());
+    let _lab = Lab::up(delay, "100mbit");
+    let boot = boot_with_memdirty("vm1", "256", 64, 500);
+    let lines = ok(&["--json", "--site", "a", "migrate", "vm1", "--to", "b"]);
+    let m = last_data(&lines, "summary");
+    assert_eq!(m["phase"], "completed", "{m}");
+    let r = &m["report"];
+    assert_eq!(r["success"], true, "{m}");
+    assert!(r["wire_bytes"].as_u64().unwrap() > 1 << 20, "{m}");
+    assert!(r["downtime_ms"].as_u64().is_some(), "{m}");
+    eprintln!("migration at {delay}: {r}");
+    // The VM left the source entirely and runs, unrebooted, at the destination.
+    assert!(vm_names("a").is_empty(), "VM still at the source");
+    assert_eq!(vm_names("b"), vec!["vm1".to_owned()]);
+    assert_runs_at("b", "vm1", &boot);
+    assert_memory_intact("b", "vm1");
+}
+
+#[test]
+fn test_live_migration_relay_0ms() {
+    migrate_and_check("0ms");
+}
+
+#[test]
+fn test_live_migration_relay_130ms() {
+    migrate_and_check("130ms");
+}
+
+/// Waits until the migration at `site` has moved at least `bytes` of stream.
+fn wait_transferred(site: &str, id: &str, bytes: u64) {
+    let t0 = Instant::now();
+    loop {
+        let m = last_data(
+            &ok(&["--json", "--site", site, "migration", id]),
+            "migration",
+        );
+        let p = m["progress"]["transferred_bytes"].as_u64().unwrap_or(0);
+        assert!(
+            !["completed", "failed"].contains(&m["phase"].as_str().unwrap_or("")),
+            "finished too early: {m}"
+        );
+        if p >= bytes {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "migration did not progress: {m}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn wait_terminal(site: &str, id: &str, limit: Duration) -> Value {
+    let t0 = Instant::now();
+    loop {
+        let m = last_data(
+            &ok(&["--json", "--site", site, "migration", id]),
+            "migration",
+        );
+        if ["completed", "failed", "undecided"].contains(&m["phase"].as_str().unwrap_or("")) {
+            return m;
+        }
+        assert!(t0.elapsed() < limit, "migration did not end: {m}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn start(vm: &str) -> String {
+    let lines = ok(&[
+        "--json",
+        "--site",
+        "a",
+        "migrate",
+        vm,
+        "--to",
+        "b",
+        "--no-wait",
+    ]);
+    last_data(&lines, "migration")["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+fn wait_no_vms(site: &str, limit: Duration) {
+    let t0 = Instant::now();
+    while !vm_names(site).is_empty() {
+        assert!(
+            t0.elapsed() < limit,
+            "VMs left at {site}: {:?}",
+            vm_names(site)
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// The WAN is cut mid-migration: the VM keeps running at the source with
+/// its memory intact, nothing is left at the destination, and the error
+/// says what happened.
+#[test]
+fn test_live_migration_wan_cut() {
+    let _g = LAB.lock().unwrap_or_else(|p| p.into_inner());
+    // A slow link keeps the migration in flight long enough to cut it.
+    let _lab = Lab::up("50ms", "20mbit");
+    let boot = boot_with_memdirty("vm1", "256", 64, 500);
+    let id = start("vm1");
+    wait_transferred("a", &id, 8 << 20);
+    ok(&["lab", "cut", "a", "b"]);
+    let m = wait_terminal("a", &id, Duration::from_secs(90));
+    assert_eq!(m["phase"], "failed", "{m}");
+    let err = m["error"].as_str().unwrap_or_default().to_owned();
+    assert!(!err.is_empty(), "{m}");
+    eprintln!("cut error: {err}");
+    ok(&["lab", "heal", "a", "b"]);
+    assert_runs_at("a", "vm1", &boot);
+    assert_memory_intact("a", "vm1");
+    wait_no_vms("b", Duration::from_secs(60));
+}
+
+/// The destination QEMU dies mid-migration: the source keeps the VM.
+#[test]
+fn test_live_migration_destination_qemu_dies() {
+    let _g = LAB.lock().unwrap_or_else(|p| p.into_inner());
+    let _lab = Lab::up("20ms", "20mbit");
+    let boot = boot_with_memdirty("vm1", "256", 64, 500);
+    let id = start("vm1");
+    wait_transferred("a", &id, 8 << 20);
+    let dest = last_data(&ok(&["--json", "--site", "b", "vm", "show", "vm1"]), "vm");
+    assert_eq!(dest["state"], "incoming", "{dest}");
+    let pid = dest["pid"].as_u64().unwrap();
+    // SAFETY: plain kill(2) on a pid we just read from the agent.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let m = wait_terminal("a", &id, Duration::from_secs(90));
+    assert_eq!(m["phase"], "failed", "{m}");
+    eprintln!("destination QEMU death: {}", m["error"]);
+    assert_runs_at("a", "vm1", &boot);
+    assert_memory_intact("a", "vm1");
+    wait_no_vms("b", Duration::from_secs(30));
+}
+
+/// The destination agent is killed mid-migration: the source keeps the VM,
+/// and the orphaned destination QEMU does not survive its lost stream.
+#[test]
+fn test_live_migration_peer_agent_dies() {
+    let _g = LAB.lock().unwrap_or_else(|p| p.into_inner());
+    let _lab = Lab::up("20ms", "20mbit");
+    let boot = boot_with_memdirty("vm1", "256", 64, 500);
+    let id = start("vm1");
+    wait_transferred("a", &id, 8 << 20);
+    let dest = last_data(&ok(&["--json", "--site", "b", "vm", "show", "vm1"]), "vm");
+    let qemu_pid = dest["pid"].as_u64().unwrap() as i32;
+    let agent_pid: i32 = std::fs::read_to_string("/run/godwit/lab/sites/b/agent.pid")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: plain kill(2) on the lab agent's pid.
+    unsafe { libc::kill(agent_pid, libc::SIGKILL) };
+    let m = wait_terminal("a", &id, Duration::from_secs(90));
+    assert_eq!(m["phase"], "failed", "{m}");
+    eprintln!("peer agent death: {}", m["error"]);
+    assert_runs_at("a", "vm1", &boot);
+    assert_memory_intact("a", "vm1");
+    // The destination QEMU lost its stream with its agent and exits.
+    let t0 = Instant::now();
+    // SAFETY: kill with signal 0 only checks for existence.
+    while unsafe { libc::kill(qemu_pid, 0) } == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "orphaned destination QEMU {qemu_pid} still runs"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Bad input gets a clear error and changes nothing.
+#[test]
+fn test_migrate_to_unknown_site_is_refused() {
+    let _g = LAB.lock().unwrap_or_else(|p| p.into_inner());
+    let _lab = Lab::up("0ms", "100mbit");
+    ok(&[
+        "--json", "--site", "a", "vm", "create", "vm1", "--memory", "128",
+    ]);
+    let out = godwit(&["--site", "a", "migrate", "vm1", "--to", "nowhere"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("nowhere"), "{err}");
+    let out = godwit(&["--site", "a", "migrate", "nosuchvm", "--to", "b"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nosuchvm"));
+    assert_eq!(vm_names("a"), vec!["vm1".to_owned()]);
+}
