@@ -81,6 +81,8 @@ pub struct RelayStats {
     pub wire_rx: AtomicU64,
     /// Current flow window, bytes (source only).
     pub window: AtomicU64,
+    /// Bytes sent and not yet acknowledged (source only).
+    pub outstanding: AtomicU64,
 }
 
 impl RelayStats {
@@ -228,6 +230,9 @@ where
         }
         let avail = window.available() as usize;
         stats.window.store(window.window(), Ordering::Relaxed);
+        stats
+            .outstanding
+            .store(window.outstanding(), Ordering::Relaxed);
         let deadline = end_deadline;
         tokio::select! {
             r = q_rd.read(&mut buf[..avail.clamp(1, CHUNK)]), if !qemu_done && avail > 0 => {

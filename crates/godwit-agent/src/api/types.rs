@@ -162,6 +162,12 @@ pub struct MigrationProgress {
     pub wire_bytes: u64,
     /// vCPU throttle applied by auto-converge, percent.
     pub cpu_throttle_pct: Option<u64>,
+    /// The relay's flow window, bytes.
+    #[serde(default)]
+    pub relay_window_bytes: u64,
+    /// Relayed bytes not yet delivered to the destination QEMU.
+    #[serde(default)]
+    pub relay_outstanding_bytes: u64,
 }
 
 /// Final figures of a migration.

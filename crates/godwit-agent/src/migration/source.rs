@@ -612,6 +612,8 @@ fn progress_from(job: &MigrationJob, v: &Value) -> MigrationProgress {
         passes: u64_field(v, &["ram", "dirty-sync-count"]).unwrap_or(0),
         wire_bytes: job.relay.wire_bytes(),
         cpu_throttle_pct: u64_field(v, &["cpu-throttle-percentage"]),
+        relay_window_bytes: job.relay.window.load(Ordering::Relaxed),
+        relay_outstanding_bytes: job.relay.outstanding.load(Ordering::Relaxed),
     }
 }
 

@@ -70,8 +70,8 @@ pub async fn follow(client: &ApiClient, id: &str, out: Out) -> Result<MigrationI
         if t0.elapsed() >= Duration::from_millis(500) {
             let p = &m.progress;
             let done = p.ram_total_bytes.saturating_sub(p.remaining_bytes);
-            if p.ram_total_bytes > 0 {
-                pb.set_position(done * 1000 / p.ram_total_bytes);
+            if let Some(permille) = (done * 1000).checked_div(p.ram_total_bytes) {
+                pb.set_position(permille);
             }
             pb.set_prefix(format!("{:?}", m.phase).to_lowercase());
             pb.set_message(format!(
