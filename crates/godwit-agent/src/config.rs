@@ -160,6 +160,9 @@ pub struct TransportSection {
     pub max_bdp_bytes: u64,
     /// A peer silent for this long is considered gone, seconds.
     pub idle_timeout_s: u64,
+    /// Congestion controller: `cubic`, `bbr` (capped), `bbr-uncapped`,
+    /// `new-reno`.
+    pub congestion: godwit_transport::Congestion,
 }
 
 impl Default for TransportSection {
@@ -168,8 +171,18 @@ impl Default for TransportSection {
             // 1 Gbit/s × 600 ms.
             max_bdp_bytes: 75_000_000,
             idle_timeout_s: 10,
+            congestion: default_congestion(),
         }
     }
+}
+
+/// The default controller, overridable with `GODWIT_CONGESTION` (for
+/// experiments without rewriting configs).
+fn default_congestion() -> godwit_transport::Congestion {
+    std::env::var("GODWIT_CONGESTION")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(godwit_transport::Congestion::Cubic)
 }
 
 /// `[[peers]]`: a trusted agent.

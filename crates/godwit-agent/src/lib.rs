@@ -177,6 +177,7 @@ pub async fn run(
     let mut tcfg = TransportConfig::new(cfg.listen, identity, peer_set);
     tcfg.max_bdp_bytes = cfg.transport.max_bdp_bytes;
     tcfg.idle_timeout = Duration::from_secs(cfg.transport.idle_timeout_s);
+    tcfg.congestion = cfg.transport.congestion;
     let (transport, mut incoming) = Transport::bind(tcfg).await?;
 
     let host = godwit_qemu::HostConfig {

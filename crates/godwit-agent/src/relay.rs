@@ -22,6 +22,7 @@ use bytes::{Bytes, BytesMut};
 use godwit_wire::{Frame, FrameCodec, RelayWindow};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
+use tracing::debug;
 
 use crate::rpgate::{ReturnGate, ReturnPathParser, MSG_SHUT};
 
@@ -142,6 +143,21 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 }
 
+/// Awaits `fut`, logging (debug) when it took longer than `SLOW_AWAIT`:
+/// the relay's awaits should all be short, and a long one pinpoints a stall.
+async fn timed<T>(what: &'static str, fut: impl std::future::Future<Output = T>) -> T {
+    let t0 = Instant::now();
+    let out = fut.await;
+    let took = t0.elapsed();
+    if took > SLOW_AWAIT {
+        debug!(what, ?took, "slow relay operation");
+    }
+    out
+}
+
+/// See [`timed`].
+const SLOW_AWAIT: Duration = Duration::from_millis(200);
+
 async fn send_frame<W: AsyncWrite + Unpin>(
     w: &mut W,
     f: &Frame,
@@ -149,7 +165,9 @@ async fn send_frame<W: AsyncWrite + Unpin>(
 ) -> Result<(), RelayError> {
     let mut out = BytesMut::with_capacity(f.encoded_len());
     FrameCodec::encode(f, &mut out);
-    w.write_all(&out).await.map_err(RelayError::Peer)?;
+    timed("write to peer", w.write_all(&out))
+        .await
+        .map_err(RelayError::Peer)?;
     stats.wire_tx.fetch_add(out.len() as u64, Ordering::Relaxed);
     Ok(())
 }
@@ -197,6 +215,17 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> Result<
     send_frame(w, f, &RelayStats::default()).await
 }
 
+/// Best effort: tells the peer why this side gave up, so it can clean up
+/// at once instead of waiting for the connection to time out. Pointless
+/// when the peer stream itself failed or the peer aborted first.
+async fn tell_peer<W: AsyncWrite + Unpin>(peer_tx: &mut W, e: &RelayError, stats: &RelayStats) {
+    if !matches!(e, RelayError::Peer(_) | RelayError::PeerAborted(_)) {
+        let abort = Frame::Abort(e.to_string());
+        let _ =
+            tokio::time::timeout(Duration::from_secs(1), send_frame(peer_tx, &abort, stats)).await;
+    }
+}
+
 /// Source side: QEMU's outgoing migration socket ⇄ peer stream.
 ///
 /// Returns when both directions have ended cleanly. `rtt` is sampled for
@@ -223,6 +252,7 @@ where
     let mut peer_done = false;
     let mut tick = tokio::time::interval(RTT_TICK);
     let mut end_deadline: Option<tokio::time::Instant> = None;
+    let mut stalled_since: Option<Instant> = None;
     window.handle_rtt(rtt());
     let result = loop {
         if qemu_done && peer_done {
@@ -238,6 +268,7 @@ where
             r = q_rd.read(&mut buf[..avail.clamp(1, CHUNK)]), if !qemu_done && avail > 0 => {
                 let n = match r { Ok(n) => n, Err(e) => break Err(RelayError::Qemu(e)) };
                 if n == 0 {
+                    debug!(sent = window.sent(), "source QEMU closed its stream");
                     qemu_done = true;
                     end_deadline = Some(tokio::time::Instant::now() + END_GRACE);
                     if let Err(e) = send_frame(&mut peer_tx, &Frame::End, &stats).await { break Err(e); }
@@ -252,14 +283,16 @@ where
             f = frames.next(&stats), if !peer_done => {
                 match f {
                     Ok(Some(Frame::Data(d))) => {
+                        debug!(bytes = d.len(), "return path to the source QEMU");
                         // Return path: deliver at once, unbatched.
-                        if let Err(e) = q_wr.write_all(&d).await { break Err(RelayError::Qemu(e)); }
+                        if let Err(e) = timed("write return path to QEMU", q_wr.write_all(&d)).await { break Err(RelayError::Qemu(e)); }
                         stats.return_bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
                     }
                     Ok(Some(Frame::Ack(n))) => {
                         if let Err(e) = window.handle_ack(Instant::now(), n) { break Err(RelayError::Protocol(e.to_string())); }
                     }
                     Ok(Some(Frame::End)) => {
+                        debug!("destination ended its stream");
                         peer_done = true;
                         let _ = q_wr.shutdown().await;
                     }
@@ -269,7 +302,20 @@ where
                     Err(e) => break Err(e),
                 }
             }
-            _ = tick.tick() => window.handle_rtt(rtt()),
+            _ = tick.tick() => {
+                window.handle_rtt(rtt());
+                // A window that stays full means the destination does not
+                // consume: worth a trace when diagnosing slow switch-overs.
+                match (window.available() == 0, stalled_since) {
+                    (true, None) => stalled_since = Some(Instant::now()),
+                    (true, Some(t)) if t.elapsed() > Duration::from_secs(1) => {
+                        debug!(outstanding = window.outstanding(), window = window.window(), acked = window.acked(), "relay window full for over a second");
+                        stalled_since = Some(Instant::now());
+                    }
+                    (false, _) => stalled_since = None,
+                    _ => {}
+                }
+            }
             _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
                 break Err(RelayError::EndTimeout(END_GRACE));
             }
@@ -280,15 +326,7 @@ where
         }
     };
     if let Err(e) = &result {
-        // Best effort: tell the destination why, so it can clean up at once
-        // instead of waiting for the connection to time out.
-        if !matches!(e, RelayError::Peer(_) | RelayError::PeerAborted(_)) {
-            let _ = tokio::time::timeout(
-                Duration::from_secs(1),
-                send_frame(&mut peer_tx, &Frame::Abort(e.to_string()), &stats),
-            )
-            .await;
-        }
+        tell_peer(&mut peer_tx, e, &stats).await;
     }
     result
 }
@@ -326,7 +364,7 @@ where
             f = frames.next(&stats), if !peer_done => {
                 match f {
                     Ok(Some(Frame::Data(d))) => {
-                        if let Err(e) = q_wr.write_all(&d).await { break Err(RelayError::Qemu(e)); }
+                        if let Err(e) = timed("write stream to QEMU", q_wr.write_all(&d)).await { break Err(RelayError::Qemu(e)); }
                         consumed += d.len() as u64;
                         stats.stream_bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
                         let idle = !matches!(FrameCodec::check(&frames.buf), Ok(Some(_)));
@@ -361,8 +399,11 @@ where
                         Ok(None) => break,
                         Err(e) => break 'relay Err(RelayError::Protocol(format!("destination QEMU: {e}"))),
                     };
-                    if msg.kind == MSG_SHUT && !gate.pass_shut() {
-                        break 'relay Err(RelayError::Fenced);
+                    if msg.kind == MSG_SHUT {
+                        if !gate.pass_shut() {
+                            break 'relay Err(RelayError::Fenced);
+                        }
+                        debug!(consumed, "SHUT passed the gate");
                     }
                     let len = msg.bytes.len() as u64;
                     if let Err(e) = send_frame(&mut peer_tx, &Frame::Data(Bytes::from(msg.bytes)), &stats).await { break 'relay Err(e); }

@@ -230,10 +230,10 @@ impl VmManager {
                 let _ = std::fs::remove_file(&path);
                 continue;
             }
-            if rec.state == VmState::Incoming {
-                if let Some(id) = &rec.migration {
-                    arrived.push(id.clone());
-                }
+            // Whether still marked incoming or already adopted, a live VM
+            // that arrived by migration answers `running` for it.
+            if let Some(id) = &rec.migration {
+                arrived.push(id.clone());
             }
             info!(
                 vm = rec.spec.name,

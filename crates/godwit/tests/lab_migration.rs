@@ -347,3 +347,27 @@ fn test_migrate_to_unknown_site_is_refused() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("nosuchvm"));
     assert_eq!(vm_names("a"), vec!["vm1".to_owned()]);
 }
+
+/// An operator cancels a migration in flight: the VM keeps running at the
+/// source, untouched, and the destination discards its QEMU.
+#[test]
+fn test_live_migration_cancel() {
+    let _g = LAB.lock().unwrap_or_else(|p| p.into_inner());
+    let _lab = Lab::up("20ms", "20mbit");
+    let boot = boot_with_memdirty("vm1", "256", 64, 500);
+    let id = start("vm1");
+    wait_transferred("a", &id, 8 << 20);
+    let lines = godwit(&["--json", "--site", "a", "migration", &id, "--cancel"]);
+    let m = last_data(&json_lines(&lines), "summary");
+    assert_eq!(m["phase"], "failed", "{m}");
+    assert!(
+        m["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("cancelled"),
+        "{m}"
+    );
+    assert_runs_at("a", "vm1", &boot);
+    assert_memory_intact("a", "vm1");
+    wait_no_vms("b", Duration::from_secs(30));
+}

@@ -13,6 +13,7 @@
 //! | GET | /v1/migrations | → `[MigrationInfo]` |
 //! | POST | /v1/migrations | [`types::StartMigration`] → `MigrationInfo` |
 //! | GET | /v1/migrations/{id} | → `MigrationInfo` |
+//! | POST | /v1/migrations/{id}/cancel | → `MigrationInfo` (the VM stays at the source) |
 //! | GET | /v1/peers | → `[PeerStatus]` |
 //! | POST | /v1/peers | [`types::AddPeer`] → `[PeerStatus]` |
 //! | GET | /metrics | → Prometheus text |

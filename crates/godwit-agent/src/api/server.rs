@@ -94,6 +94,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/vms/{name}/guest/reports", get(guest_reports))
         .route("/v1/migrations", get(list_migrations).post(start_migration))
         .route("/v1/migrations/{id}", get(show_migration))
+        .route("/v1/migrations/{id}/cancel", post(cancel_migration))
         .route("/v1/peers", get(list_peers).post(add_peer))
         .route("/metrics", get(metrics))
         .layer(axum::middleware::from_fn_with_state(
@@ -311,6 +312,33 @@ async fn show_migration(
             format!("no migration {id} on this agent"),
         )
     })?;
+    Ok(Json(job.info()))
+}
+
+async fn cancel_migration(
+    State(a): State<Arc<Agent>>,
+    Path(id): Path<String>,
+) -> ApiResult<MigrationInfo> {
+    let job = a.migrations.outgoing(&id).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no migration {id} on this agent"),
+        )
+    })?;
+    if job.phase().is_terminal() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "finished",
+            format!("migration {id} has already ended"),
+        ));
+    }
+    // Before the guest pauses this aborts cleanly; after, the agents still
+    // settle who owns the VM (the destination decides), so nothing is lost.
+    // send_replace stores the reason even before the relay subscribes
+    // (while preparing, or in direct mode where nothing subscribes).
+    job.cancel
+        .send_replace(Some("cancelled by the operator".into()));
     Ok(Json(job.info()))
 }
 

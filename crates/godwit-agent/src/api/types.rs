@@ -187,6 +187,10 @@ pub struct MigrationReport {
     pub wire_bytes: u64,
     /// Bytes QEMU wrote into the relay.
     pub stream_bytes: u64,
+    /// UDP payload bytes of the QUIC connection during the migration, both
+    /// directions (0 for `qemu-direct`).
+    #[serde(default)]
+    pub transport_bytes: u64,
     /// Guest RAM, MiB.
     pub ram_mib: u64,
     /// Wire bytes per GiB of guest RAM.

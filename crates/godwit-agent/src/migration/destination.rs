@@ -175,7 +175,7 @@ pub async fn prepare(
 /// Declares the incoming side failed, unless the SHUT already left (then
 /// the VM is ours). See the module docs for why this is exact.
 async fn settle_failure(agent: &Agent, job: &IncomingJob, reason: String) -> IncomingOutcome {
-    let _ = job.cancel.send(Some(reason.clone()));
+    job.cancel.send_replace(Some(reason.clone()));
     let shut_passed = job.gate.fence();
     // With the gate fenced the source cannot complete; if QEMU nevertheless
     // runs the guest, keeping it is as consistent as discarding it, and it

@@ -81,6 +81,9 @@ pub enum MigrationError {
     /// Timed out.
     #[error("the migration did not finish within {0} s")]
     Timeout(u64),
+    /// Cancelled (by the operator, or by the timeout).
+    #[error("{0}")]
+    Cancelled(String),
     /// Local I/O failed.
     #[error("{what}")]
     Io {
@@ -110,6 +113,11 @@ pub struct MigrationJob {
     pub relay: Arc<RelayStats>,
     /// QEMU to QEMU over plain TCP (baseline), not through the relay.
     pub direct: bool,
+    /// Asks the relay to stop (cancel, timeout).
+    pub cancel: tokio::sync::watch::Sender<Option<String>>,
+    /// UDP payload bytes the peer connection carried during the migration
+    /// (QUIC headers, acknowledgements and retransmissions included).
+    pub transport_bytes: std::sync::atomic::AtomicU64,
     state: Mutex<JobState>,
 }
 
@@ -132,6 +140,8 @@ impl MigrationJob {
             started: Instant::now(),
             relay: Arc::new(RelayStats::default()),
             direct: false,
+            cancel: tokio::sync::watch::channel(None).0,
+            transport_bytes: std::sync::atomic::AtomicU64::new(0),
             state: Mutex::new(JobState {
                 phase: MigrationPhase::Preparing,
                 progress: MigrationProgress::default(),

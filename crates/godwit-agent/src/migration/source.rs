@@ -25,7 +25,6 @@ use godwit_wire::{
 };
 use serde_json::{json, Value};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::watch;
 use tracing::{error, info, warn, Instrument};
 
 use super::{new_id, MigrationError, MigrationJob};
@@ -165,6 +164,11 @@ async fn drive(
         }
         Err(e) => return Ending::Failed(crate::error_chain(&e)),
     };
+    let cancelled = job.cancel.borrow().clone();
+    if let Some(reason) = cancelled {
+        abort_destination(agent, peer, &job.id, &reason).await;
+        return Ending::Failed(reason);
+    }
     let result = match (req.direct, direct_uri) {
         (false, _) => transfer(agent, job, vm, peer, req).await,
         (true, Some(uri)) => transfer_direct(agent, job, vm, peer, req, &uri).await,
@@ -265,14 +269,18 @@ async fn transfer_direct(
                 }
             }
         }
-        if Instant::now() > deadline {
+        let cancelled = job.cancel.borrow().clone();
+        if cancelled.is_some() || Instant::now() > deadline {
             let _ = vm.qmp("migrate_cancel", json!({})).await;
             wait_qemu_terminal(vm).await;
             if migration_status(vm).await.as_deref() == Some("completed") {
                 return Ok(Ending::Completed);
             }
             ensure_running(vm).await;
-            return Err(MigrationError::Timeout(timeout_s));
+            return Err(match cancelled {
+                Some(reason) => MigrationError::Cancelled(reason),
+                None => MigrationError::Timeout(timeout_s),
+            });
         }
     }
 }
@@ -377,39 +385,61 @@ async fn transfer(
     // 4. Relay, while sampling QEMU's progress.
     let timeout_s = req.timeout_s.unwrap_or(agent.cfg.migration.timeout_s);
     let deadline = Instant::now() + Duration::from_secs(timeout_s);
-    let (cancel_tx, cancel_rx) = watch::channel(None);
+    let cancel_rx = job.cancel.subscribe();
+    let before = conn.stats();
     let rtt_conn = conn.clone();
     let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
     let mut timed_out = false;
-    let result = {
-        let relay = run_source(
+    // The relay runs in a task of its own. Sampling progress over QMP can
+    // block for a while during switch-over (QEMU's migration thread holds
+    // the big QEMU lock while it writes the final state); if the relay
+    // shared a task with the sampler, it would stop draining QEMU's
+    // socket exactly then, QEMU would block on the write still holding the
+    // lock, and the switch-over would crawl.
+    let stats = job.relay.clone();
+    let mut relay = tokio::spawn(async move {
+        let r = run_source(
             &mut qemu,
             recv,
             send,
             move || rtt_conn.rtt(),
-            job.relay.clone(),
+            stats,
             cancel_rx,
-        );
-        tokio::pin!(relay);
-        loop {
-            tokio::select! {
-                r = &mut relay => break r,
-                _ = tick.tick() => {
-                    if let Some(stats) = last_stats(vm).await {
-                        let status = str_field(&stats, "status").unwrap_or_default();
-                        if status != "active" && status != "setup" && job.phase() == MigrationPhase::Transferring {
-                            job.set_phase(MigrationPhase::Switchover);
-                        }
-                        job.set_progress(progress_from(job, &stats));
+        )
+        .await;
+        (r, qemu)
+    });
+    let (result, qemu) = loop {
+        tokio::select! {
+            r = &mut relay => match r {
+                Ok(pair) => break pair,
+                Err(e) => {
+                    // The relay task panicked (a bug): the socket went with
+                    // it, so QEMU decides by itself; treat as a failure.
+                    return Err(MigrationError::Io { what: "the relay task failed".into(), source: std::io::Error::other(e.to_string()) });
+                }
+            },
+            _ = tick.tick() => {
+                if let Some(stats) = last_stats(vm).await {
+                    let status = str_field(&stats, "status").unwrap_or_default();
+                    if status != "active" && status != "setup" && job.phase() == MigrationPhase::Transferring {
+                        job.set_phase(MigrationPhase::Switchover);
                     }
-                    if !timed_out && Instant::now() > deadline {
-                        timed_out = true;
-                        let _ = cancel_tx.send(Some(format!("the migration did not finish within {timeout_s} s")));
-                    }
+                    job.set_progress(progress_from(job, &stats));
+                }
+                if !timed_out && Instant::now() > deadline {
+                    timed_out = true;
+                    job.cancel.send_replace(Some(format!("the migration did not finish within {timeout_s} s")));
                 }
             }
         }
     };
+    let after = conn.stats();
+    job.transport_bytes.store(
+        (after.bytes_sent + after.bytes_received)
+            .saturating_sub(before.bytes_sent + before.bytes_received),
+        Ordering::Relaxed,
+    );
     agent
         .metrics
         .relay_tx_bytes
@@ -434,7 +464,9 @@ async fn transfer(
             .await),
         },
         Err(relay_err) => {
-            let why = if timed_out {
+            let why = if let Some(reason) = job.cancel.borrow().clone() {
+                reason
+            } else if timed_out {
                 format!("the migration did not finish within {timeout_s} s")
             } else {
                 crate::error_chain(&relay_err)
@@ -451,10 +483,9 @@ async fn transfer(
                     let _ = vm.qmp("migrate_cancel", json!({})).await;
                     wait_qemu_terminal(vm).await;
                     ensure_running(vm).await;
-                    if timed_out {
-                        Err(MigrationError::Timeout(timeout_s))
-                    } else {
-                        Err(MigrationError::Relay(relay_err))
+                    match job.cancel.borrow().clone() {
+                        Some(reason) => Err(MigrationError::Cancelled(reason)),
+                        None => Err(MigrationError::Relay(relay_err)),
                     }
                 }
                 _ => Ok(decide_after_pause(agent, job, vm, peer, qemu, why).await),
@@ -628,6 +659,7 @@ fn build_report(job: &MigrationJob, vm: &VmHandle, last: Option<&Value>) -> Migr
         qemu_total_ms: last.and_then(|v| u64_field(v, &["total-time"])),
         wire_bytes: wire,
         stream_bytes: job.relay.stream_bytes.load(Ordering::Relaxed),
+        transport_bytes: job.transport_bytes.load(Ordering::Relaxed),
         ram_mib,
         wire_bytes_per_gib: if ram_mib > 0 {
             wire as f64 * 1024.0 / ram_mib as f64

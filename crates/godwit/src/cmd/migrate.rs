@@ -38,6 +38,9 @@ pub struct MigrateCmd {
 pub struct ShowCmd {
     /// Migration id (default: all).
     pub id: Option<String>,
+    /// Cancel this migration (the VM keeps running at the source).
+    #[arg(long, requires = "id")]
+    pub cancel: bool,
 }
 
 /// How often the CLI polls the agent.
@@ -102,11 +105,12 @@ pub fn summary(m: &MigrationInfo) -> String {
     );
     if let Some(r) = &m.report {
         s.push_str(&format!(
-            "  total time      {}\n  downtime        {}\n  bytes on wire   {} ({} per GiB of RAM)\n  stream bytes    {}\n  guest RAM       {} MiB, {} passes, mode {}\n",
+            "  total time      {}\n  downtime        {}\n  bytes on wire   {} ({} per GiB of RAM); QUIC/UDP {}\n  stream bytes    {}\n  guest RAM       {} MiB, {} passes, mode {}\n",
             output::ms(r.total_ms),
             r.downtime_ms.map(output::ms).unwrap_or_else(|| "-".into()),
             output::bytes(r.wire_bytes),
             output::bytes(r.wire_bytes_per_gib as u64),
+            output::bytes(r.transport_bytes),
             output::bytes(r.stream_bytes),
             r.ram_mib,
             r.passes,
@@ -159,6 +163,16 @@ pub async fn run(c: MigrateCmd, g: &Global, out: Out) -> Result<()> {
 pub async fn show(c: ShowCmd, g: &Global, out: Out) -> Result<()> {
     let client = g.client();
     match c.id {
+        Some(id) if c.cancel => {
+            let _: MigrationInfo = client
+                .post(
+                    &format!("/v1/migrations/{id}/cancel"),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            let m = follow(&client, &id, out).await?;
+            out.result("summary", &m, || summary(&m));
+        }
         Some(id) => {
             let m: MigrationInfo = client.get(&format!("/v1/migrations/{id}")).await?;
             out.result("migration", &m, || summary(&m));
