@@ -36,6 +36,11 @@ pub const END_GRACE: Duration = Duration::from_secs(30);
 /// and also whenever it has no complete frame left to process: acks that
 /// wait for an idle moment would stall a window-limited source.
 pub const ACK_EVERY: u64 = 256 << 10;
+/// The source gives up when bytes are outstanding and the destination has
+/// acknowledged nothing for this long: the destination QEMU stopped
+/// consuming, or the peer stream is wedged. Far above any real pause (QEMU
+/// loads a page in microseconds), far below the migration timeout.
+pub const ACK_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the source refreshes its RTT sample.
 const RTT_TICK: Duration = Duration::from_millis(50);
 
@@ -63,6 +68,9 @@ pub enum RelayError {
     /// The destination did not finish its side in time.
     #[error("peer did not end its stream within {0:?}")]
     EndTimeout(Duration),
+    /// The destination stopped acknowledging relayed bytes.
+    #[error("the destination acknowledged nothing for {0:?}")]
+    AckStall(Duration),
     /// The destination gave the migration up before its QEMU finished
     /// (the return path was fenced; see [`crate::rpgate`]).
     #[error("the destination gave the migration up")]
@@ -215,6 +223,21 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> Result<
     send_frame(w, f, &RelayStats::default()).await
 }
 
+/// Ends this side's peer stream: after an error the peer is told why
+/// first. The stream stays open until the relay as a whole ends, even
+/// after this side sent `End`, so that a failure noticed later can still
+/// be reported (see [`tell_peer`]).
+async fn finish<W: AsyncWrite + Unpin>(
+    peer_tx: &mut W,
+    result: &Result<(), RelayError>,
+    stats: &RelayStats,
+) {
+    if let Err(e) = result {
+        tell_peer(peer_tx, e, stats).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), peer_tx.shutdown()).await;
+}
+
 /// Best effort: tells the peer why this side gave up, so it can clean up
 /// at once instead of waiting for the connection to time out. Pointless
 /// when the peer stream itself failed or the peer aborted first.
@@ -253,6 +276,7 @@ where
     let mut tick = tokio::time::interval(RTT_TICK);
     let mut end_deadline: Option<tokio::time::Instant> = None;
     let mut stalled_since: Option<Instant> = None;
+    let mut last_progress = (Instant::now(), 0u64);
     window.handle_rtt(rtt());
     let result = loop {
         if qemu_done && peer_done {
@@ -272,7 +296,6 @@ where
                     qemu_done = true;
                     end_deadline = Some(tokio::time::Instant::now() + END_GRACE);
                     if let Err(e) = send_frame(&mut peer_tx, &Frame::End, &stats).await { break Err(e); }
-                    let _ = peer_tx.shutdown().await;
                 } else {
                     let f = Frame::Data(Bytes::copy_from_slice(&buf[..n]));
                     if let Err(e) = send_frame(&mut peer_tx, &f, &stats).await { break Err(e); }
@@ -304,6 +327,11 @@ where
             }
             _ = tick.tick() => {
                 window.handle_rtt(rtt());
+                if window.acked() != last_progress.1 || window.outstanding() == 0 {
+                    last_progress = (Instant::now(), window.acked());
+                } else if last_progress.0.elapsed() > ACK_STALL_TIMEOUT {
+                    break Err(RelayError::AckStall(ACK_STALL_TIMEOUT));
+                }
                 // A window that stays full means the destination does not
                 // consume: worth a trace when diagnosing slow switch-overs.
                 match (window.available() == 0, stalled_since) {
@@ -325,9 +353,7 @@ where
             }
         }
     };
-    if let Err(e) = &result {
-        tell_peer(&mut peer_tx, e, &stats).await;
-    }
+    finish(&mut peer_tx, &result, &stats).await;
     result
 }
 
@@ -389,7 +415,6 @@ where
                 if n == 0 {
                     qemu_done = true;
                     if let Err(e) = send_frame(&mut peer_tx, &Frame::End, &stats).await { break Err(e); }
-                    let _ = peer_tx.shutdown().await;
                     continue;
                 }
                 rp.handle_input(&buf[..n]);
@@ -416,15 +441,7 @@ where
             }
         }
     };
-    if let Err(e) = &result {
-        if !matches!(e, RelayError::Peer(_) | RelayError::PeerAborted(_)) {
-            let _ = tokio::time::timeout(
-                Duration::from_secs(1),
-                send_frame(&mut peer_tx, &Frame::Abort(e.to_string()), &stats),
-            )
-            .await;
-        }
-    }
+    finish(&mut peer_tx, &result, &stats).await;
     result
 }
 
@@ -596,5 +613,50 @@ mod tests {
         );
         writer.abort();
         drain.abort();
+    }
+
+    /// The destination QEMU dies mid-stream (its socket closes first, then
+    /// writes to it fail): the source must learn why promptly instead of
+    /// waiting for acknowledgements that cannot come.
+    #[tokio::test]
+    async fn destination_qemu_death_reaches_the_source() {
+        let (mut src_qemu, src_agent_q) = duplex(1 << 16);
+        let (dst_qemu, dst_agent_q) = duplex(1 << 16);
+        let (a_to_b, b_from_a) = duplex(1 << 20);
+        let (b_to_a, a_from_b) = duplex(1 << 20);
+        let (_c1, cancel1) = watch::channel(None);
+        let (_c2, cancel2) = watch::channel(None);
+        let src = tokio::spawn(run_source(
+            src_agent_q,
+            a_from_b,
+            a_to_b,
+            || Duration::from_millis(1),
+            Arc::new(RelayStats::default()),
+            cancel1,
+        ));
+        let dst = tokio::spawn(run_destination(
+            dst_agent_q,
+            b_from_a,
+            b_to_a,
+            Arc::new(RelayStats::default()),
+            Arc::new(ReturnGate::default()),
+            cancel2,
+        ));
+        // The destination QEMU goes away at once.
+        drop(dst_qemu);
+        let writer = tokio::spawn(async move {
+            let chunk = vec![7u8; 1 << 16];
+            while src_qemu.write_all(&chunk).await.is_ok() {}
+        });
+        let r = tokio::time::timeout(Duration::from_secs(10), src).await;
+        writer.abort();
+        let r = r.expect("the source relay hung").unwrap();
+        // Whichever the source notices first: the destination's abort, or
+        // its half of the stream going away.
+        assert!(
+            matches!(r, Err(RelayError::PeerAborted(_) | RelayError::Peer(_))),
+            "{r:?}"
+        );
+        assert!(dst.await.unwrap().is_err());
     }
 }
