@@ -301,6 +301,16 @@ async fn start_migration(
     Ok(Json(job.info()))
 }
 
+fn outgoing_job(a: &Agent, id: &str) -> Result<Arc<crate::migration::MigrationJob>, ApiError> {
+    a.migrations.outgoing(id).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no migration {id} on this agent"),
+        )
+    })
+}
+
 async fn show_migration(
     State(a): State<Arc<Agent>>,
     Path(id): Path<String>,
