@@ -315,13 +315,7 @@ async fn show_migration(
     State(a): State<Arc<Agent>>,
     Path(id): Path<String>,
 ) -> ApiResult<MigrationInfo> {
-    let job = a.migrations.outgoing(&id).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no migration {id} on this agent"),
-        )
-    })?;
+    let job = outgoing_job(&a, &id)?;
     Ok(Json(job.info()))
 }
 
@@ -329,13 +323,7 @@ async fn cancel_migration(
     State(a): State<Arc<Agent>>,
     Path(id): Path<String>,
 ) -> ApiResult<MigrationInfo> {
-    let job = a.migrations.outgoing(&id).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no migration {id} on this agent"),
-        )
-    })?;
+    let job = outgoing_job(&a, &id)?;
     if job.phase().is_terminal() {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
