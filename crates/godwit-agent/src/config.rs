@@ -138,6 +138,21 @@ pub struct MigrationSection {
     /// the destination what happened before it leaves the VM paused for an
     /// operator.
     pub decision_timeout_s: u64,
+    /// How the memory stream crosses the WAN: `pages` (the page-aware
+    /// codec: dedup, deltas, compression; raw relaying when the peer lacks
+    /// it or the stream is not understood) or `raw` (byte for byte).
+    pub codec: MemoryCodecSetting,
+}
+
+/// `[migration] codec`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryCodecSetting {
+    /// The page-aware codec.
+    #[default]
+    Pages,
+    /// Byte-for-byte relaying.
+    Raw,
 }
 
 impl Default for MigrationSection {
@@ -148,6 +163,7 @@ impl Default for MigrationSection {
             auto_converge: true,
             incoming_timeout_s: 60,
             decision_timeout_s: 120,
+            codec: MemoryCodecSetting::Pages,
         }
     }
 }

@@ -23,6 +23,7 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod guest;
+pub mod memcodec;
 pub mod metrics;
 pub mod migration;
 pub mod peer;

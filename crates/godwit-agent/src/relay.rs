@@ -1,5 +1,7 @@
 //! Relay pumps: carry QEMU's migration stream between a local unix socket
-//! and a peer stream, byte for byte, in both directions.
+//! and a peer stream in both directions, through a memory codec (raw or
+//! page-aware, [`crate::memcodec`]); the destination QEMU always receives
+//! exactly the bytes the source QEMU wrote.
 //!
 //! The source pump reads QEMU's outgoing stream only while the
 //! [`RelayWindow`] allows, so agent buffers stay near the path's
@@ -24,6 +26,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tracing::debug;
 
+use crate::memcodec::{Inbound, Outbound};
 use crate::rpgate::{ReturnGate, ReturnPathParser, MSG_SHUT};
 
 /// Largest chunk of QEMU's stream put into one frame.
@@ -75,6 +78,9 @@ pub enum RelayError {
     /// (the return path was fenced; see [`crate::rpgate`]).
     #[error("the destination gave the migration up")]
     Fenced,
+    /// The page-aware codec rejected a message or failed.
+    #[error("memory codec: {0}")]
+    Codec(String),
 }
 
 /// Counters of one relay, readable while it runs.
@@ -92,6 +98,9 @@ pub struct RelayStats {
     pub window: AtomicU64,
     /// Bytes sent and not yet acknowledged (source only).
     pub outstanding: AtomicU64,
+    /// What the page-aware codec did (source only; set when the relay
+    /// ends).
+    pub codec: std::sync::Mutex<Option<crate::api::types::MemoryCodecReport>>,
 }
 
 impl RelayStats {
@@ -251,8 +260,12 @@ async fn tell_peer<W: AsyncWrite + Unpin>(peer_tx: &mut W, e: &RelayError, stats
 
 /// Source side: QEMU's outgoing migration socket ⇄ peer stream.
 ///
-/// Returns when both directions have ended cleanly. `rtt` is sampled for
-/// the flow window; `cancel` aborts the relay (the peer is told why).
+/// QEMU's bytes go through `out` (raw or page-aware, see
+/// [`crate::memcodec`]); frames leave as the flow window allows, and QEMU
+/// is read only when the codec has nothing waiting, so QEMU's view of the
+/// bandwidth is the rate its (reduced) stream crosses the path. Returns
+/// when both directions have ended cleanly. `rtt` is sampled for the flow
+/// window; `cancel` aborts the relay (the peer is told why).
 #[allow(clippy::too_many_arguments)]
 pub async fn run_source<Q, PR, PW>(
     qemu: Q,
@@ -261,6 +274,7 @@ pub async fn run_source<Q, PR, PW>(
     rtt: impl Fn() -> Duration,
     stats: Arc<RelayStats>,
     mut cancel: watch::Receiver<Option<String>>,
+    out: &mut Outbound,
 ) -> Result<(), RelayError>
 where
     Q: AsyncRead + AsyncWrite + Unpin,
@@ -272,37 +286,56 @@ where
     let mut window = RelayWindow::new();
     let mut buf = vec![0u8; CHUNK];
     let mut qemu_done = false;
+    let mut end_sent = false;
     let mut peer_done = false;
     let mut tick = tokio::time::interval(RTT_TICK);
     let mut end_deadline: Option<tokio::time::Instant> = None;
     let mut stalled_since: Option<Instant> = None;
     let mut last_progress = (Instant::now(), 0u64);
     window.handle_rtt(rtt());
-    let result = loop {
-        if qemu_done && peer_done {
+    let result = 'relay: loop {
+        // Send what the codec has ready, as far as the window allows;
+        // priority frames (answers the destination waits for) always go.
+        while let Some(priority) = out.peek_priority() {
+            if !priority && window.available() == 0 {
+                break;
+            }
+            let Some((f, priority)) = out.pop() else {
+                break;
+            };
+            if let Err(e) = send_frame(&mut peer_tx, &f, &stats).await {
+                break 'relay Err(e);
+            }
+            if !priority {
+                window.handle_sent(f.encoded_len() as u64);
+                out.on_sent(window.sent());
+            }
+        }
+        if qemu_done && !end_sent && out.peek_priority().is_none() {
+            end_sent = true;
+            if let Err(e) = send_frame(&mut peer_tx, &Frame::End, &stats).await {
+                break Err(e);
+            }
+        }
+        if end_sent && peer_done {
             break Ok(());
         }
-        let avail = window.available() as usize;
         stats.window.store(window.window(), Ordering::Relaxed);
         stats
             .outstanding
             .store(window.outstanding(), Ordering::Relaxed);
+        let can_read = !qemu_done && out.peek_priority().is_none() && window.available() > 0;
+        let unflushed = out.has_unflushed();
         let deadline = end_deadline;
         tokio::select! {
-            r = q_rd.read(&mut buf[..avail.clamp(1, CHUNK)]), if !qemu_done && avail > 0 => {
-                let n = match r { Ok(n) => n, Err(e) => break Err(RelayError::Qemu(e)) };
-                if n == 0 {
-                    debug!(sent = window.sent(), "source QEMU closed its stream");
-                    qemu_done = true;
-                    end_deadline = Some(tokio::time::Instant::now() + END_GRACE);
-                    if let Err(e) = send_frame(&mut peer_tx, &Frame::End, &stats).await { break Err(e); }
-                } else {
-                    let f = Frame::Data(Bytes::copy_from_slice(&buf[..n]));
-                    if let Err(e) = send_frame(&mut peer_tx, &f, &stats).await { break Err(e); }
-                    window.handle_sent(n as u64);
-                    stats.stream_bytes.fetch_add(n as u64, Ordering::Relaxed);
-                }
+            // Order matters (biased): cancellation, the peer and the clock
+            // before QEMU's stream, which may always be ready on a fast path.
+            biased;
+            _ = cancel.changed() => {
+                let why = cancel.borrow().clone().unwrap_or_else(|| "cancelled".into());
+                break Err(RelayError::Cancelled(why));
             }
+
             f = frames.next(&stats), if !peer_done => {
                 match f {
                     Ok(Some(Frame::Data(d))) => {
@@ -311,8 +344,12 @@ where
                         if let Err(e) = timed("write return path to QEMU", q_wr.write_all(&d)).await { break Err(RelayError::Qemu(e)); }
                         stats.return_bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
                     }
+                    Ok(Some(Frame::Codec(m))) => {
+                        if let Err(e) = out.on_peer_message(&m) { break Err(e); }
+                    }
                     Ok(Some(Frame::Ack(n))) => {
                         if let Err(e) = window.handle_ack(Instant::now(), n) { break Err(RelayError::Protocol(e.to_string())); }
+                        out.on_acked(n);
                     }
                     Ok(Some(Frame::End)) => {
                         debug!("destination ended its stream");
@@ -327,6 +364,9 @@ where
             }
             _ = tick.tick() => {
                 window.handle_rtt(rtt());
+                if let Some(rate) = window.max_rate() {
+                    out.set_link_rate(rate);
+                }
                 if window.acked() != last_progress.1 || window.outstanding() == 0 {
                     last_progress = (Instant::now(), window.acked());
                 } else if last_progress.0.elapsed() > ACK_STALL_TIMEOUT {
@@ -347,9 +387,22 @@ where
             _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
                 break Err(RelayError::EndTimeout(END_GRACE));
             }
-            _ = cancel.changed() => {
-                let why = cancel.borrow().clone().unwrap_or_else(|| "cancelled".into());
-                break Err(RelayError::Cancelled(why));
+            r = q_rd.read(&mut buf), if can_read => {
+                let n = match r { Ok(n) => n, Err(e) => break Err(RelayError::Qemu(e)) };
+                if n == 0 {
+                    debug!(sent = window.sent(), "source QEMU closed its stream");
+                    qemu_done = true;
+                    end_deadline = Some(tokio::time::Instant::now() + END_GRACE);
+                    if let Err(e) = out.finish() { break Err(e); }
+                } else {
+                    stats.stream_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    if let Err(e) = out.push(&buf[..n]) { break Err(e); }
+                }
+            }
+            // QEMU has nothing more right now: whatever is gathered goes
+            // out, so no byte QEMU flushed waits for the next one.
+            _ = std::future::ready(()), if unflushed && can_read => {
+                if let Err(e) = out.flush() { break Err(e); }
             }
         }
     };
@@ -359,8 +412,12 @@ where
 
 /// Destination side: peer stream ⇄ the destination QEMU's incoming socket.
 ///
-/// The return path is parsed into messages and SHUT passes only through
-/// `gate` (see [`crate::rpgate`]).
+/// `greeting` goes to the source first (the summaries of what this site
+/// holds). Frames go through `inbound` (raw or page-aware); what it
+/// produces is written to QEMU, and the wire bytes it fully delivered are
+/// acknowledged. The return path is parsed into messages and SHUT passes
+/// only through `gate` (see [`crate::rpgate`]).
+#[allow(clippy::too_many_arguments)]
 pub async fn run_destination<Q, PR, PW>(
     qemu: Q,
     peer_rx: PR,
@@ -368,6 +425,8 @@ pub async fn run_destination<Q, PR, PW>(
     stats: Arc<RelayStats>,
     gate: Arc<ReturnGate>,
     mut cancel: watch::Receiver<Option<String>>,
+    greeting: Vec<Frame>,
+    inbound: &mut Inbound,
 ) -> Result<(), RelayError>
 where
     Q: AsyncRead + AsyncWrite + Unpin,
@@ -377,31 +436,44 @@ where
     let (mut q_rd, mut q_wr) = tokio::io::split(qemu);
     let mut frames = FrameReader::new(peer_rx);
     let mut buf = vec![0u8; CHUNK];
-    let mut consumed = 0u64;
     let mut acked = 0u64;
     let mut qemu_done = false;
     let mut peer_done = false;
     let mut rp = ReturnPathParser::default();
+    let mut greeting = greeting.into_iter();
     let result = 'relay: loop {
+        if let Some(f) = greeting.next() {
+            if let Err(e) = send_frame(&mut peer_tx, &f, &stats).await {
+                break Err(e);
+            }
+            continue;
+        }
         if qemu_done && peer_done {
             break Ok(());
         }
         tokio::select! {
             f = frames.next(&stats), if !peer_done => {
                 match f {
-                    Ok(Some(Frame::Data(d))) => {
-                        if let Err(e) = timed("write stream to QEMU", q_wr.write_all(&d)).await { break Err(RelayError::Qemu(e)); }
-                        consumed += d.len() as u64;
-                        stats.stream_bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+                    Ok(Some(f @ (Frame::Data(_) | Frame::Codec(_)))) => {
+                        let wire = f.encoded_len() as u64;
+                        if let Err(e) = inbound.on_frame(f, wire) { break Err(e); }
+                        while let Some(reply) = inbound.poll_reply() {
+                            if let Err(e) = send_frame(&mut peer_tx, &reply, &stats).await { break 'relay Err(e); }
+                        }
+                        while let Some(d) = inbound.take_output() {
+                            if let Err(e) = timed("write stream to QEMU", q_wr.write_all(&d)).await { break 'relay Err(RelayError::Qemu(e)); }
+                            stats.stream_bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+                        }
+                        let done = inbound.completed_wire();
                         let idle = !matches!(FrameCodec::check(&frames.buf), Ok(Some(_)));
-                        if consumed - acked >= ACK_EVERY || idle {
-                            if let Err(e) = send_frame(&mut peer_tx, &Frame::Ack(consumed), &stats).await { break Err(e); }
-                            acked = consumed;
+                        if done > acked && (done - acked >= ACK_EVERY || idle) {
+                            if let Err(e) = send_frame(&mut peer_tx, &Frame::Ack(done), &stats).await { break Err(e); }
+                            acked = done;
                         }
                     }
                     Ok(Some(Frame::End)) => {
                         peer_done = true;
-                        let _ = send_frame(&mut peer_tx, &Frame::Ack(consumed), &stats).await;
+                        let _ = send_frame(&mut peer_tx, &Frame::Ack(inbound.completed_wire()), &stats).await;
                         let _ = q_wr.shutdown().await;
                     }
                     Ok(Some(Frame::Abort(why))) => break Err(RelayError::PeerAborted(why)),
@@ -428,7 +500,7 @@ where
                         if !gate.pass_shut() {
                             break 'relay Err(RelayError::Fenced);
                         }
-                        debug!(consumed, "SHUT passed the gate");
+                        debug!("SHUT passed the gate");
                     }
                     let len = msg.bytes.len() as u64;
                     if let Err(e) = send_frame(&mut peer_tx, &Frame::Data(Bytes::from(msg.bytes)), &stats).await { break 'relay Err(e); }
@@ -453,6 +525,40 @@ mod tests {
     /// QEMU's SHUT(0) message.
     const SHUT: [u8; 8] = [0, 1, 0, 4, 0, 0, 0, 0];
 
+    async fn source_raw<Q, PR, PW>(
+        qemu: Q,
+        rx: PR,
+        tx: PW,
+        stats: Arc<RelayStats>,
+        cancel: watch::Receiver<Option<String>>,
+    ) -> Result<(), RelayError>
+    where
+        Q: AsyncRead + AsyncWrite + Unpin,
+        PR: AsyncRead + Unpin,
+        PW: AsyncWrite + Unpin,
+    {
+        let mut out = Outbound::raw();
+        let rtt = || Duration::from_millis(1);
+        run_source(qemu, rx, tx, rtt, stats, cancel, &mut out).await
+    }
+
+    async fn destination_raw<Q, PR, PW>(
+        qemu: Q,
+        rx: PR,
+        tx: PW,
+        stats: Arc<RelayStats>,
+        gate: Arc<ReturnGate>,
+        cancel: watch::Receiver<Option<String>>,
+    ) -> Result<(), RelayError>
+    where
+        Q: AsyncRead + AsyncWrite + Unpin,
+        PR: AsyncRead + Unpin,
+        PW: AsyncWrite + Unpin,
+    {
+        let mut inbound = Inbound::raw();
+        run_destination(qemu, rx, tx, stats, gate, cancel, Vec::new(), &mut inbound).await
+    }
+
     /// A fake source QEMU writes a stream and waits for a "SHUT" on the
     /// return path; a fake destination QEMU reads it all, answers, closes.
     #[tokio::test]
@@ -466,16 +572,15 @@ mod tests {
         let (_c2, cancel2) = watch::channel(None);
         let s_stats = Arc::new(RelayStats::default());
         let d_stats = Arc::new(RelayStats::default());
-        let src = tokio::spawn(run_source(
+        let src = tokio::spawn(source_raw(
             src_agent_q,
             a_from_b,
             a_to_b,
-            || Duration::from_millis(1),
             s_stats.clone(),
             cancel1,
         ));
         let gate = Arc::new(ReturnGate::default());
-        let dst = tokio::spawn(run_destination(
+        let dst = tokio::spawn(destination_raw(
             dst_agent_q,
             b_from_a,
             b_to_a,
@@ -526,7 +631,7 @@ mod tests {
         let (_c, cancel) = watch::channel(None);
         let gate = Arc::new(ReturnGate::default());
         assert!(!gate.fence());
-        let dst = tokio::spawn(run_destination(
+        let dst = tokio::spawn(destination_raw(
             dst_agent_q,
             b_from_a,
             b_to_a,
@@ -557,11 +662,10 @@ mod tests {
         let (a_to_b, b_from_a) = duplex(1 << 16);
         let (b_to_a, a_from_b) = duplex(1 << 16);
         let (_c, cancel) = watch::channel(None);
-        let src = tokio::spawn(run_source(
+        let src = tokio::spawn(source_raw(
             src_agent_q,
             a_from_b,
             a_to_b,
-            || Duration::from_millis(1),
             Arc::new(RelayStats::default()),
             cancel,
         ));
@@ -586,11 +690,10 @@ mod tests {
         let (_b_to_a, a_from_b) = duplex(1 << 16);
         let (_c, cancel) = watch::channel(None);
         let stats = Arc::new(RelayStats::default());
-        let _src = tokio::spawn(run_source(
+        let _src = tokio::spawn(source_raw(
             src_agent_q,
             a_from_b,
             a_to_b,
-            || Duration::from_millis(1),
             stats.clone(),
             cancel,
         ));
@@ -607,9 +710,13 @@ mod tests {
             while b_from_a.read(&mut sink).await.unwrap_or(0) > 0 {}
         });
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert_eq!(
-            stats.stream_bytes.load(Ordering::Relaxed),
-            godwit_wire::window::INITIAL_WINDOW
+        // The window counts framed bytes: QEMU's bytes fill it but for the
+        // frame headers.
+        let relayed = stats.stream_bytes.load(Ordering::Relaxed);
+        let window = godwit_wire::window::INITIAL_WINDOW;
+        assert!(
+            relayed <= window + CHUNK as u64 && relayed > window - CHUNK as u64,
+            "{relayed}"
         );
         writer.abort();
         drain.abort();
@@ -626,15 +733,14 @@ mod tests {
         let (b_to_a, a_from_b) = duplex(1 << 20);
         let (_c1, cancel1) = watch::channel(None);
         let (_c2, cancel2) = watch::channel(None);
-        let src = tokio::spawn(run_source(
+        let src = tokio::spawn(source_raw(
             src_agent_q,
             a_from_b,
             a_to_b,
-            || Duration::from_millis(1),
             Arc::new(RelayStats::default()),
             cancel1,
         ));
-        let dst = tokio::spawn(run_destination(
+        let dst = tokio::spawn(destination_raw(
             dst_agent_q,
             b_from_a,
             b_to_a,

@@ -32,6 +32,15 @@ pub trait PageStore {
     fn put(&mut self, h: &PageHash, page: &Bytes) -> Result<(), String>;
 }
 
+impl<T: PageStore + ?Sized> PageStore for Box<T> {
+    fn get(&mut self, h: &PageHash) -> Option<Bytes> {
+        (**self).get(h)
+    }
+    fn put(&mut self, h: &PageHash, page: &Bytes) -> Result<(), String> {
+        (**self).put(h, page)
+    }
+}
+
 /// A [`PageStore`] in memory (tests, and migrations without a site store).
 #[derive(Debug, Default)]
 pub struct MemStore(pub HashMap<PageHash, Bytes>);

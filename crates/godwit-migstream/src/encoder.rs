@@ -306,6 +306,11 @@ impl Encoder {
         }
     }
 
+    /// Whether ops are gathered that [`Self::flush`] would send.
+    pub fn has_unflushed(&self) -> bool {
+        !self.ops.is_empty() || self.zero_run.is_some()
+    }
+
     /// Counters.
     pub fn stats(&self) -> &EncoderStats {
         &self.stats

@@ -171,6 +171,13 @@ pub enum ControlResponse {
     },
     /// Acknowledgement without data.
     Ok,
+    /// The destination accepts a memory stream, in this codec (see
+    /// [`MemoryOpen::codec`]). A destination that answers plain `Ok` relays
+    /// raw bytes only.
+    MemoryAccepted {
+        /// The codec chosen: [`CODEC_RAW`] or [`CODEC_PAGES_V1`].
+        codec: u8,
+    },
     /// The request failed.
     Error {
         /// Error class.
@@ -187,7 +194,16 @@ pub struct MemoryOpen {
     pub versions: VersionRange,
     /// Migration identifier, as in `PrepareIncoming`.
     pub migration_id: String,
+    /// The best memory codec the source offers ([`CODEC_RAW`] when absent).
+    #[serde(default)]
+    pub codec: u8,
 }
+
+/// Memory codec: QEMU's stream relayed byte for byte in `Data` frames.
+pub const CODEC_RAW: u8 = 0;
+/// Memory codec: the page-aware codec of `godwit-migstream` in `Codec`
+/// frames (version 1).
+pub const CODEC_PAGES_V1: u8 = 1;
 
 #[cfg(test)]
 mod tests {

@@ -75,6 +75,9 @@ pub enum FrameKind {
     End = 5,
     /// The sender gives up; UTF-8 reason.
     Abort = 6,
+    /// A message of the page-aware memory codec (`godwit-migstream`), opaque
+    /// here.
+    Codec = 7,
 }
 
 impl FrameKind {
@@ -86,6 +89,7 @@ impl FrameKind {
             4 => Self::Ack,
             5 => Self::End,
             6 => Self::Abort,
+            7 => Self::Codec,
             other => return Err(WireError::UnknownKind(other)),
         })
     }
@@ -106,6 +110,8 @@ pub enum Frame {
     End,
     /// Abort with a reason.
     Abort(String),
+    /// Page-aware codec message.
+    Codec(Bytes),
 }
 
 impl Frame {
@@ -118,6 +124,7 @@ impl Frame {
             Frame::Ack(_) => FrameKind::Ack,
             Frame::End => FrameKind::End,
             Frame::Abort(_) => FrameKind::Abort,
+            Frame::Codec(_) => FrameKind::Codec,
         }
     }
 
@@ -158,7 +165,7 @@ impl Frame {
 
     fn payload_len(&self) -> usize {
         match self {
-            Frame::Open(b) | Frame::Control(b) | Frame::Data(b) => b.len(),
+            Frame::Open(b) | Frame::Control(b) | Frame::Data(b) | Frame::Codec(b) => b.len(),
             Frame::Ack(_) => 8,
             Frame::End => 0,
             Frame::Abort(s) => s.len(),
@@ -183,7 +190,9 @@ impl FrameCodec {
         // `len` ≤ MAX_FRAME_LEN, which fits in u32.
         dst.put_u32(len as u32);
         match frame {
-            Frame::Open(b) | Frame::Control(b) | Frame::Data(b) => dst.put_slice(&b[..len]),
+            Frame::Open(b) | Frame::Control(b) | Frame::Data(b) | Frame::Codec(b) => {
+                dst.put_slice(&b[..len])
+            }
             Frame::Ack(n) => dst.put_u64(*n),
             Frame::End => {}
             Frame::Abort(s) => dst.put_slice(&s.as_bytes()[..len]),
@@ -226,6 +235,7 @@ impl FrameCodec {
             FrameKind::Open => Frame::Open(payload),
             FrameKind::Control => Frame::Control(payload),
             FrameKind::Data => Frame::Data(payload),
+            FrameKind::Codec => Frame::Codec(payload),
             FrameKind::Ack => {
                 if payload.len() != 8 {
                     return Err(WireError::Malformed {

@@ -20,9 +20,11 @@
 //!                  client ◀── Control(response) ── server     (then both finish)
 //!
 //! memory stream:   source ── Open(MemoryOpen) ──▶ destination
-//!                  source ◀── Control(Ok) or Abort ──
-//!                  source ── Data* … End ──────▶      (QEMU's migration stream)
-//!                  source ◀── Data* (return path) + Ack(consumed) ──
+//!                  source ◀── Control(MemoryAccepted{codec}) or Abort ──
+//!                  source ── Data* or Codec* … End ──▶  (QEMU's migration stream,
+//!                                                      raw or page-aware)
+//!                  source ◀── Data* (return path) + Codec* (summaries, NEEDs)
+//!                              + Ack(wire bytes consumed) ──
 //!                  either side ── Abort(reason) ──▶   on failure
 //! ```
 #![warn(missing_docs)]
@@ -33,7 +35,7 @@ pub mod window;
 
 pub use control::{
     ControlEnvelope, ControlRequest, ControlResponse, ErrorCode, IncomingOutcome, MemoryOpen,
-    VersionRange, PROTOCOL_VERSION,
+    VersionRange, CODEC_PAGES_V1, CODEC_RAW, PROTOCOL_VERSION,
 };
 pub use frame::{Frame, FrameCodec, FrameKind, WireError, FRAME_HEADER_LEN, MAX_FRAME_LEN};
 pub use window::RelayWindow;

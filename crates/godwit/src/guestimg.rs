@@ -27,6 +27,7 @@ pub enum ImageCmd {
 /// dynamically linked build (for instance the workspace's own debug build)
 /// cannot run in the guest's busybox userland and is skipped.
 pub fn find_guest_bin(explicit: Option<PathBuf>) -> Result<PathBuf> {
+    let explicit = explicit.or_else(|| std::env::var_os("GODWIT_GUEST_BIN").map(PathBuf::from));
     if let Some(p) = explicit {
         if !p.is_file() {
             bail!("guest tool {} does not exist", p.display());

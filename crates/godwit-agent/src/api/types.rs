@@ -199,6 +199,85 @@ pub struct MigrationReport {
     pub mode: String,
     /// Dirty-bitmap passes.
     pub passes: u64,
+    /// What the page-aware codec did (absent for raw relaying).
+    #[serde(default)]
+    pub codec: Option<MemoryCodecReport>,
+}
+
+/// What the page-aware memory codec did in one migration (source side).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MemoryCodecReport {
+    /// Why the stream parser fell back to raw relaying, and where.
+    pub fallback: Option<String>,
+    /// Page records QEMU sent.
+    pub pages: u64,
+    /// Zero-page records.
+    pub zero_pages: u64,
+    /// Runs the zero pages were sent as.
+    pub zero_runs: u64,
+    /// Pages sent literally (compressed in batches).
+    pub literal_pages: u64,
+    /// Pages sent as deltas against their previous version.
+    pub delta_pages: u64,
+    /// Bytes of those deltas before batch compression.
+    pub delta_bytes: u64,
+    /// Pages already sent in this migration, sent as references.
+    pub intra_pages: u64,
+    /// Pages found in the destination site's store.
+    pub store_pages: u64,
+    /// Pages found in this VM's earlier image at the destination.
+    pub image_pages: u64,
+    /// Pages found in the guest's disk blocks at the destination.
+    pub disk_pages: u64,
+    /// Optimistic references the destination could not resolve (resent).
+    pub misses: u64,
+    /// Stream bytes carried verbatim (framing, device state, fallback).
+    pub raw_bytes: u64,
+    /// Batches by codec: none, lz4, zstd.
+    pub batches: [u64; 3],
+    /// Op bytes before compression.
+    pub ops_bytes: u64,
+    /// Message bytes after compression.
+    pub message_bytes: u64,
+    /// CPU time spent compressing, seconds.
+    pub compress_s: f64,
+}
+
+impl MemoryCodecReport {
+    /// From the encoder's counters.
+    pub fn from_encoder(
+        s: &godwit_migstream::EncoderStats,
+        fallback: Option<&godwit_migstream::Fallback>,
+    ) -> Self {
+        MemoryCodecReport {
+            fallback: fallback.map(|f| format!("at stream byte {}: {}", f.at, f.reason)),
+            pages: s.pages,
+            zero_pages: s.zero_pages,
+            zero_runs: s.zero_runs,
+            literal_pages: s.literal_pages,
+            delta_pages: s.delta_pages,
+            delta_bytes: s.delta_bytes,
+            intra_pages: s.ref_pages[0],
+            store_pages: s.ref_pages[1],
+            image_pages: s.ref_pages[2],
+            disk_pages: s.ref_pages[3],
+            misses: s.fills,
+            raw_bytes: s.raw_bytes,
+            batches: s.batches,
+            ops_bytes: s.batch_raw_bytes,
+            message_bytes: s.message_bytes,
+            compress_s: s.compress_time.as_secs_f64(),
+        }
+    }
+
+    /// Compression ratio of the batches (ops bytes over message bytes).
+    pub fn compression_ratio(&self) -> f64 {
+        if self.message_bytes == 0 {
+            1.0
+        } else {
+            self.ops_bytes as f64 / self.message_bytes as f64
+        }
+    }
 }
 
 /// A migration as the API shows it.

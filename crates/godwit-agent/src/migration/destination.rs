@@ -24,13 +24,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use godwit_migstream::{Decoder, MemStore};
 use godwit_qemu::{LaunchMode, VmSpec};
-use godwit_wire::{ControlResponse, ErrorCode, Frame, IncomingOutcome, MemoryOpen, VersionRange};
+use godwit_wire::{
+    ControlResponse, ErrorCode, Frame, IncomingOutcome, MemoryOpen, VersionRange, CODEC_PAGES_V1,
+};
 use tokio::net::UnixStream;
 use tokio::sync::watch;
 use tracing::{info, warn, Instrument};
 
 use crate::api::types::VmState;
+use crate::config::MemoryCodecSetting;
+use crate::memcodec::{Inbound, SharedStore};
 use crate::relay::{read_first_frame, run_destination, write_frame, RelayStats};
 use crate::rpgate::ReturnGate;
 use crate::vm::VmHandle;
@@ -364,7 +369,22 @@ pub async fn accept_memory_stream(
         settle_failure(&agent, &job, why).await;
         return;
     };
-    if let Err(e) = write_frame(&mut send, &Frame::control(&ControlResponse::Ok)).await {
+    // The page-aware codec when both sides want it; raw relaying otherwise.
+    let pages =
+        header.codec >= CODEC_PAGES_V1 && agent.cfg.migration.codec == MemoryCodecSetting::Pages;
+    let (answer, mut inbound, greeting) = if pages {
+        let store: SharedStore = Box::<MemStore>::default();
+        (
+            ControlResponse::MemoryAccepted {
+                codec: CODEC_PAGES_V1,
+            },
+            Inbound::Pages(Box::new(Decoder::new(store))),
+            Vec::new(),
+        )
+    } else {
+        (ControlResponse::Ok, Inbound::raw(), Vec::new())
+    };
+    if let Err(e) = write_frame(&mut send, &Frame::control(&answer)).await {
         settle_failure(&agent, &job, format!("answering the source: {e}")).await;
         return;
     }
@@ -376,8 +396,13 @@ pub async fn accept_memory_stream(
         job.relay.clone(),
         job.gate.clone(),
         cancel,
+        greeting,
+        &mut inbound,
     )
     .await;
+    if let Inbound::Pages(d) = &inbound {
+        info!(migration = job.id, stats = ?d.stats(), "page-aware stream decoded");
+    }
     agent
         .metrics
         .relay_rx_bytes

@@ -19,19 +19,23 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use godwit_migstream::{Encoder, EncoderConfig, QemuFormat};
 use godwit_transport::StreamPurpose;
 use godwit_wire::{
     ControlRequest, ControlResponse, Frame, IncomingOutcome, MemoryOpen, VersionRange,
+    CODEC_PAGES_V1, CODEC_RAW,
 };
 use serde_json::{json, Value};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{error, info, warn, Instrument};
 
 use super::{new_id, MigrationError, MigrationJob};
+use crate::api::types::MemoryCodecReport;
 use crate::api::types::{
     MigrationPhase, MigrationProgress, MigrationReport, StartMigration, VmState,
 };
-use crate::config::PeerEntry;
+use crate::config::{MemoryCodecSetting, PeerEntry};
+use crate::memcodec::Outbound;
 use crate::relay::{read_first_frame, run_source, write_frame, RelayError};
 use crate::vm::VmHandle;
 use crate::Agent;
@@ -217,6 +221,23 @@ async fn configure_qemu(
     Ok(())
 }
 
+/// The stream format of the VM's QEMU (its version); the baseline format
+/// when QEMU does not say.
+async fn qemu_format(vm: &VmHandle) -> QemuFormat {
+    match vm.qmp("query-version", json!({})).await {
+        Ok(v) => {
+            let q = &v["qemu"];
+            let major = q["major"].as_u64().unwrap_or(7) as u16;
+            let minor = q["minor"].as_u64().unwrap_or(2) as u16;
+            QemuFormat::for_version(major, minor)
+        }
+        Err(e) => {
+            warn!(cause = %e, "query-version failed; assuming QEMU 7.2's stream format");
+            QemuFormat::default()
+        }
+    }
+}
+
 /// Baseline path: QEMU to QEMU over plain TCP through the same network,
 /// with the same QEMU settings, so the relay can be compared with it.
 async fn transfer_direct(
@@ -314,19 +335,26 @@ async fn transfer(
             source,
         }
     })?;
+    let offer = match agent.cfg.migration.codec {
+        MemoryCodecSetting::Pages => CODEC_PAGES_V1,
+        MemoryCodecSetting::Raw => CODEC_RAW,
+    };
     let open = MemoryOpen {
         versions: VersionRange::ours(),
         migration_id: job.id.clone(),
+        codec: offer,
     };
     write_frame(&mut send, &Frame::open(&open))
         .await
         .map_err(MigrationError::Relay)?;
-    match read_first_frame(&mut recv)
+    let codec = match read_first_frame(&mut recv)
         .await
         .map_err(MigrationError::Relay)?
     {
         f @ Frame::Control(_) => match f.json::<ControlResponse>() {
-            Ok(ControlResponse::Ok) => {}
+            // A destination without the page-aware codec.
+            Ok(ControlResponse::Ok) => CODEC_RAW,
+            Ok(ControlResponse::MemoryAccepted { codec }) if codec <= offer => codec,
             Ok(other) => {
                 return Err(MigrationError::Refused {
                     peer: peer.name.clone(),
@@ -347,7 +375,16 @@ async fn transfer(
                 other.kind()
             ))))
         }
-    }
+    };
+    let mut outbound = if codec == CODEC_PAGES_V1 {
+        let format = qemu_format(vm).await;
+        let enc = Encoder::new(format, EncoderConfig::default())
+            .map_err(|e| MigrationError::Relay(RelayError::Codec(e.to_string())))?;
+        Outbound::Pages(Box::new(enc))
+    } else {
+        Outbound::raw()
+    };
+    info!(migration = job.id, codec, "memory stream accepted");
 
     // 3. QEMU migrates into our socket.
     let path = agent.cfg.run_dir.join(format!("out-{}.sock", job.id));
@@ -405,14 +442,15 @@ async fn transfer(
             move || rtt_conn.rtt(),
             stats,
             cancel_rx,
+            &mut outbound,
         )
         .await;
-        (r, qemu)
+        (r, qemu, outbound)
     });
-    let (result, qemu) = loop {
+    let (result, qemu, outbound) = loop {
         tokio::select! {
             r = &mut relay => match r {
-                Ok(pair) => break pair,
+                Ok(ended) => break ended,
                 Err(e) => {
                     // The relay task panicked (a bug): the socket went with
                     // it, so QEMU decides by itself; treat as a failure.
@@ -434,6 +472,12 @@ async fn transfer(
             }
         }
     };
+    if let Outbound::Pages(enc) = &outbound {
+        let report = MemoryCodecReport::from_encoder(enc.stats(), enc.fallback());
+        if let Ok(mut c) = job.relay.codec.lock() {
+            *c = Some(report);
+        }
+    }
     let after = conn.stats();
     job.transport_bytes.store(
         (after.bytes_sent + after.bytes_received)
@@ -666,8 +710,11 @@ fn build_report(job: &MigrationJob, vm: &VmHandle, last: Option<&Value>) -> Migr
         } else {
             0.0
         },
+        codec: job.relay.codec.lock().ok().and_then(|c| c.clone()),
         mode: if job.direct {
             "qemu-direct".into()
+        } else if job.relay.codec.lock().is_ok_and(|c| c.is_some()) {
+            "pages".into()
         } else {
             "relay".into()
         },
