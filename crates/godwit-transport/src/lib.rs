@@ -42,6 +42,7 @@
 pub mod config;
 pub mod congestion;
 pub mod identity;
+pub mod lfn;
 pub mod peers;
 pub mod purpose;
 pub mod tls;
