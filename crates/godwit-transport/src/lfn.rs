@@ -812,10 +812,6 @@ mod tests {
     #[test]
     fn fills_a_520ms_pipe_with_random_loss() {
         let r = lfn_sim(260, 0.001, 30);
-        eprintln!(
-            "u {} q {} r {} {:?}",
-            r.utilization, r.queue_drops, r.random_drops, r.final_min_rtt
-        );
         assert!(r.utilization > 0.93, "utilization {}", r.utilization);
         assert!(r.random_drops > 0);
         // Past startup the queue never overflows.
@@ -832,10 +828,6 @@ mod tests {
     fn fills_short_and_medium_pipes() {
         for (d, loss) in [(0, 0.0), (0, 0.001), (80, 0.0), (80, 0.001)] {
             let r = lfn_sim(d, loss, 15);
-            eprintln!(
-                "{d} {loss} u {} q {} r {} {:?}",
-                r.utilization, r.queue_drops, r.random_drops, r.final_min_rtt
-            );
             assert!(
                 r.utilization > 0.93,
                 "{d} ms loss {loss}: utilization {}",
