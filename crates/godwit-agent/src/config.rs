@@ -176,8 +176,8 @@ pub struct TransportSection {
     pub max_bdp_bytes: u64,
     /// A peer silent for this long is considered gone, seconds.
     pub idle_timeout_s: u64,
-    /// Congestion controller: `cubic`, `bbr` (capped), `bbr-uncapped`,
-    /// `new-reno`.
+    /// Congestion controller: `lfn` (default, loss-tolerant), `cubic`,
+    /// `bbr` (capped), `bbr-uncapped`, `new-reno`.
     pub congestion: godwit_transport::Congestion,
 }
 
@@ -198,7 +198,7 @@ fn default_congestion() -> godwit_transport::Congestion {
     std::env::var("GODWIT_CONGESTION")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(godwit_transport::Congestion::Cubic)
+        .unwrap_or_default()
 }
 
 /// `[[peers]]`: a trusted agent.

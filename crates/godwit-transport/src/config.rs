@@ -32,6 +32,11 @@ pub const INITIAL_MTU: u16 = 1200;
 /// Upper bound for path MTU discovery: a 1500-byte Ethernet path minus the
 /// IPv6 (40) and UDP (8) headers. Probing above it only wastes probes.
 pub const MTU_UPPER_BOUND: u16 = 1452;
+/// Per-stream receive window over `max_bdp_bytes`, in halves (3 = 1.5 ×).
+/// Credit returns to the sender only as the receiver reads, so one stream
+/// needs more than one BDP of window to never stall, and a model-based
+/// controller keeps up to 1.25 × BDP plus headroom in flight ([`crate::lfn`]).
+pub const STREAM_WINDOW_HALVES: u64 = 3;
 /// The connection-level receive window and the send buffer are this many
 /// times the per-stream window, so one bulk stream filling the BDP cannot
 /// starve control or on-demand streams of flow-control credit.
@@ -47,22 +52,25 @@ pub const UDP_SOCKET_BUFFER_BYTES: usize = 16 * 1024 * 1024;
 
 /// Congestion controller selection.
 ///
-/// Default is [`Congestion::Bbr`]. Measured with this crate's WAN emulator
-/// (`tests/throughput.rs`: one stream, 100 ms RTT, 100 Mbit/s, 1-BDP
-/// drop-tail queue): with no loss every controller reaches 80–95 Mbit/s, but
-/// with 0.1 % random loss Cubic falls to ~7 Mbit/s and NewReno to ~4 Mbit/s
-/// (the loss-based Mathis limit) while BBR holds ~100 Mbit/s. quinn's own
-/// BBR ([`Congestion::BbrUncapped`]) overshoots badly (4–6 × BDP in flight,
-/// ~45 % of packets dropped at the bottleneck), so `Bbr` wraps it with a
-/// delivery-rate window cap (see [`crate::congestion`]) that keeps the
-/// throughput and cuts bottleneck drops to ~1 %, mostly during startup.
+/// Default is [`Congestion::Lfn`], godwit's own model-based controller
+/// ([`crate::lfn`]). Loss-based controllers collapse on long paths with a
+/// little random loss: at 520 ms RTT and 0.1 % loss CUBIC's Mathis limit is
+/// below 1 Mbit/s. quinn's BBR is loss-tolerant but overshoots (4–6 × BDP
+/// in flight) and stays in loss recovery whenever every round has a loss;
+/// [`Congestion::Bbr`] caps its window ([`crate::congestion`]) but keeps the
+/// rest. `Lfn` reaches ≥ 90 % of a 100 Mbit/s link at 0–300 ms one-way
+/// delay with and without 0.1 % random loss (`godwit bench transport`,
+/// figures in docs/benchmarks.md) and backs off only when a round loses
+/// more than 2 %.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Congestion {
-    /// Loss-based CUBIC (RFC 9438), quinn's default.
+    /// godwit's loss-tolerant BBR-style controller ([`crate::lfn`]).
+    #[default]
+    Lfn,
+    /// Loss-based CUBIC (RFC 9438), quinn's default; for comparison.
     Cubic,
     /// quinn's experimental BBR, window capped at 1.5 × measured BDP.
-    #[default]
     Bbr,
     /// quinn's experimental BBR as is; for comparison.
     BbrUncapped,
@@ -71,8 +79,29 @@ pub enum Congestion {
 }
 
 impl Congestion {
+    /// Every controller, default first.
+    pub const ALL: [Congestion; 5] = [
+        Congestion::Lfn,
+        Congestion::Cubic,
+        Congestion::Bbr,
+        Congestion::BbrUncapped,
+        Congestion::NewReno,
+    ];
+
+    /// The name [`FromStr`](std::str::FromStr) and serde accept.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Congestion::Lfn => "lfn",
+            Congestion::Cubic => "cubic",
+            Congestion::Bbr => "bbr",
+            Congestion::BbrUncapped => "bbr-uncapped",
+            Congestion::NewReno => "new-reno",
+        }
+    }
+
     fn factory(self) -> Arc<dyn congestion::ControllerFactory + Send + Sync> {
         match self {
+            Congestion::Lfn => Arc::new(crate::lfn::LfnConfig),
             Congestion::Cubic => Arc::new(congestion::CubicConfig::default()),
             Congestion::Bbr => Arc::new(crate::congestion::CappedBbrConfig::default()),
             Congestion::BbrUncapped => Arc::new(congestion::BbrConfig::default()),
@@ -81,11 +110,18 @@ impl Congestion {
     }
 }
 
+impl std::fmt::Display for Congestion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl std::str::FromStr for Congestion {
     type Err = ConfigError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.to_ascii_lowercase().as_str() {
+            "lfn" => Ok(Congestion::Lfn),
             "cubic" => Ok(Congestion::Cubic),
             "bbr" => Ok(Congestion::Bbr),
             "bbr-uncapped" | "bbr_uncapped" => Ok(Congestion::BbrUncapped),
@@ -112,8 +148,11 @@ pub enum ConfigError {
         /// Configured idle timeout.
         idle_timeout: Duration,
     },
-    /// A congestion controller name that is not cubic, bbr or newreno.
-    #[error("unknown congestion controller {0:?} (expected cubic, bbr, bbr-uncapped or new-reno)")]
+    /// A congestion controller name that is not lfn, cubic, bbr,
+    /// bbr-uncapped or new-reno.
+    #[error(
+        "unknown congestion controller {0:?} (expected lfn, cubic, bbr, bbr-uncapped or new-reno)"
+    )]
     UnknownCongestion(String),
 }
 
@@ -151,6 +190,18 @@ impl TransportConfig {
         }
     }
 
+    /// Per-stream receive window: [`STREAM_WINDOW_HALVES`] / 2 × `max_bdp_bytes`.
+    pub fn stream_window(&self) -> u64 {
+        self.max_bdp_bytes.saturating_mul(STREAM_WINDOW_HALVES) / 2
+    }
+
+    /// Connection receive window and send buffer:
+    /// [`CONNECTION_WINDOW_FACTOR`] × the stream window.
+    pub fn connection_window(&self) -> u64 {
+        self.stream_window()
+            .saturating_mul(CONNECTION_WINDOW_FACTOR)
+    }
+
     /// quinn transport parameters for these settings (shared by both the
     /// server and the client side of every connection).
     pub fn quic_transport(&self) -> Result<quinn::TransportConfig, ConfigError> {
@@ -168,8 +219,8 @@ impl TransportConfig {
         // VarInt tops out at 2^62-1 bytes, far beyond any real BDP; clamp
         // rather than fail.
         let varint = |v: u64| VarInt::from_u64(v).unwrap_or(VarInt::MAX);
-        let stream_window = self.max_bdp_bytes;
-        let conn_window = stream_window.saturating_mul(CONNECTION_WINDOW_FACTOR);
+        let stream_window = self.stream_window();
+        let conn_window = self.connection_window();
 
         let mut mtu = MtuDiscoveryConfig::default();
         mtu.upper_bound(MTU_UPPER_BOUND);
@@ -209,6 +260,16 @@ mod tests {
     }
 
     #[test]
+    fn windows_cover_one_and_a_half_bdp() {
+        let c = cfg();
+        // 100 Mbit/s × 600 ms RTT and 1 Gbit/s × 600 ms RTT.
+        for bdp in [100_000_000 / 8 * 6 / 10, 1_000_000_000u64 / 8 * 6 / 10] {
+            assert!(c.stream_window() >= bdp * 3 / 2, "{bdp}");
+        }
+        assert!(c.connection_window() >= 2 * c.stream_window());
+    }
+
+    #[test]
     fn invalid_settings_are_rejected() {
         let mut c = cfg();
         c.max_bdp_bytes = 0;
@@ -226,6 +287,12 @@ mod tests {
 
     #[test]
     fn congestion_parses_and_deserializes() {
+        assert_eq!(Congestion::default(), Congestion::Lfn);
+        for c in Congestion::ALL {
+            assert_eq!(c.name().parse::<Congestion>(), Ok(c));
+            let json = serde_json::to_string(&c).expect("ser");
+            assert_eq!(json, format!("\"{c}\""));
+        }
         assert_eq!("BBR".parse::<Congestion>(), Ok(Congestion::Bbr));
         assert_eq!("new-reno".parse::<Congestion>(), Ok(Congestion::NewReno));
         assert!("vegas".parse::<Congestion>().is_err());

@@ -34,7 +34,11 @@
 //! - [`tls`]: rustls configs and the two pinning certificate verifiers.
 //! - [`purpose`]: [`StreamPurpose`], its header byte and send priority (sans-IO).
 //! - [`config`]: [`TransportConfig`] and the long-fat-pipe tuning of quinn.
-//! - [`congestion`]: the window cap that tames quinn's BBR (sans-IO).
+//! - [`lfn`]: godwit's default congestion controller, a loss-tolerant
+//!   BBR-style model (delivery-rate max filter × min RTT) that ignores
+//!   random loss below 2 % per round and so fills long fat pipes (sans-IO).
+//! - [`congestion`]: the window cap that tames quinn's BBR (sans-IO), kept
+//!   for comparison.
 //! - [`transport`]: the tokio shell — [`Transport`], [`PeerConnection`],
 //!   [`IncomingStreams`].
 #![warn(missing_docs)]
@@ -42,6 +46,7 @@
 pub mod config;
 pub mod congestion;
 pub mod identity;
+pub mod lfn;
 pub mod peers;
 pub mod purpose;
 pub mod tls;

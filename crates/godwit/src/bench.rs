@@ -7,6 +7,8 @@
 //!   memdirty migrated at several one-way delays, QEMU to QEMU over plain
 //!   TCP ("qemu-direct") and through the agents ("godwit-relay"); a run
 //!   that does not finish within 10 minutes counts as failed.
+//! - `transport`: QUIC bulk goodput per congestion controller, delay and
+//!   loss (`crate::bench_transport`).
 
 use std::time::Duration;
 
@@ -29,6 +31,8 @@ pub enum Suite {
     Lab,
     /// Seed 000 Table 1: migration time per delay, QEMU direct vs relay.
     Baseline,
+    /// QUIC goodput on long fat pipes, per congestion controller and loss.
+    Transport,
 }
 
 /// `godwit bench`.
@@ -58,6 +62,8 @@ pub struct BenchCmd {
         default_value = "qemu-direct,godwit-relay"
     )]
     paths: Vec<String>,
+    #[command(flatten)]
+    transport: crate::bench_transport::TransportArgs,
 }
 
 /// Migration cap, as in seed 000.
@@ -71,6 +77,9 @@ pub async fn run(c: BenchCmd, out: Out) -> Result<()> {
     let rows = match c.suite {
         Suite::Lab => lab(&c, out).await?,
         Suite::Baseline => baseline(&c, out).await?,
+        Suite::Transport => {
+            crate::bench_transport::run(c.delays.clone(), c.rate, &c.transport, out).await?
+        }
     };
     let suite = format!("{:?}", c.suite).to_lowercase();
     let obj = json!({"suite": suite, "rows": rows});
