@@ -245,10 +245,7 @@ impl StreamParser {
         self.consumed += rest.len() as u64;
         self.stats.fallback_bytes += rest.len() as u64;
         self.raw.extend_from_slice(&rest);
-        self.take_raw().map(|e| match e {
-            Event::Raw(b) => b,
-            _ => unreachable!("take_raw only yields Raw"),
-        })
+        self.take_raw_bytes()
     }
 
     /// Why the parser fell back to raw, if it did.
@@ -284,11 +281,11 @@ impl StreamParser {
     }
 
     fn take_raw(&mut self) -> Option<Event> {
-        if self.raw.is_empty() {
-            None
-        } else {
-            Some(Event::Raw(self.raw.split().freeze()))
-        }
+        self.take_raw_bytes().map(Event::Raw)
+    }
+
+    fn take_raw_bytes(&mut self) -> Option<Bytes> {
+        (!self.raw.is_empty()).then(|| self.raw.split().freeze())
     }
 
     fn step(&mut self) -> Step {
