@@ -22,6 +22,7 @@
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod cpu;
 pub mod guest;
 pub mod memcodec;
 pub mod metrics;

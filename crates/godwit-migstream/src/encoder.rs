@@ -99,6 +99,9 @@ pub struct EncoderStats {
     pub compress_time: Duration,
     /// NEEDs answered.
     pub fills: u64,
+    /// Guest pages whose last version sent was not a zero page: the
+    /// guest's non-zero RAM, for figures per GiB of it.
+    pub nonzero_pages: u64,
 }
 
 /// An encoded message and whether it may bypass the flow window.
@@ -144,6 +147,8 @@ pub struct Encoder {
     link_rate: Option<f64>,
     new_pages: Vec<(PageHash, Bytes)>,
     keep_new_pages: bool,
+    /// Per block, a bitmap of pages whose last version was not zero.
+    nonzero: Vec<Vec<u64>>,
     stats: EncoderStats,
     clock: fn() -> Instant,
 }
@@ -180,6 +185,7 @@ impl Encoder {
             link_rate: None,
             new_pages: Vec::new(),
             keep_new_pages: false,
+            nonzero: Vec::new(),
             stats: EncoderStats::default(),
             clock: Instant::now,
         })
@@ -363,6 +369,7 @@ impl Encoder {
             page: rec.offset / PAGE_SIZE as u64,
         };
         let key = (hdr.block, hdr.page);
+        self.mark_nonzero(key, matches!(rec.body, PageBody::Data(_)));
         let data = match rec.body {
             PageBody::Zero(fill) => {
                 self.stats.zero_pages += 1;
@@ -409,6 +416,40 @@ impl Encoder {
         }
         self.remember(key, data);
         self.op(&op)
+    }
+
+    /// Keeps [`EncoderStats::nonzero_pages`]. Blocks the stream did not
+    /// size (not in the START list) are not counted: their bitmap would
+    /// have no bound.
+    fn mark_nonzero(&mut self, (block, page): (u16, u64), nonzero: bool) {
+        let b = block as usize;
+        let Some(len) = self.parser.blocks().get(b).and_then(|bl| bl.used_length) else {
+            return;
+        };
+        if self.nonzero.len() <= b {
+            self.nonzero.resize_with(b + 1, Vec::new);
+        }
+        let map = &mut self.nonzero[b];
+        if map.is_empty() {
+            map.resize((len / PAGE_SIZE as u64).div_ceil(64) as usize, 0);
+        }
+        // The parser refuses offsets beyond the block, so this is in range;
+        // `get_mut` keeps a bug from becoming a panic.
+        let Some(word) = map.get_mut((page / 64) as usize) else {
+            return;
+        };
+        let bit = 1u64 << (page % 64);
+        match (nonzero, *word & bit != 0) {
+            (true, false) => {
+                *word |= bit;
+                self.stats.nonzero_pages += 1;
+            }
+            (false, true) => {
+                *word &= !bit;
+                self.stats.nonzero_pages -= 1;
+            }
+            _ => {}
+        }
     }
 
     fn summary_hit(&self, hash: &PageHash) -> Option<Origin> {

@@ -34,7 +34,7 @@ pub use encoder::{Encoder, EncoderConfig, EncoderStats, Outgoing};
 pub use hash::PageHash;
 pub use ops::{Message, Origin, SummaryKind};
 pub use parser::{Block, BlockId, Event, Fallback, PageBody, PageRecord, StreamParser};
-pub use qemu::QemuFormat;
+pub use qemu::{QemuFormat, PAGE_SIZE};
 
 /// Errors of the codec. Any of them ends the migration (the source VM keeps
 /// running); none is ever papered over with a guess.

@@ -557,6 +557,15 @@ impl StreamParser {
                         }
                     }
                 };
+                // QEMU refuses such a record on load; we would have to
+                // track it, so stop understanding the stream here instead.
+                if let Some(len) = self.blocks[block.0 as usize].used_length {
+                    if addr >= len {
+                        return Step::Unknown(format!(
+                            "page offset {addr:#x} beyond its block's {len:#x} bytes"
+                        ));
+                    }
+                }
                 let b = &self.buf[..];
                 let body = if kind == ram::ZERO {
                     PageBody::Zero(b[at])

@@ -124,6 +124,7 @@ fn records(spec: &[(u8, u64, u8)], last: &mut Option<u8>) -> Vec<(u8, u64, bool,
 struct Run {
     wire: u64,
     needs: u64,
+    nonzero: u64,
     store: MemStore,
 }
 
@@ -184,6 +185,7 @@ fn run(stream: &[u8], chunks: &[usize], store: MemStore, summary: Option<Bloom>)
     Run {
         wire,
         needs,
+        nonzero: enc.stats().nonzero_pages,
         store: dec.into_store(),
     }
 }
@@ -231,6 +233,23 @@ fn reduces_zero_runs_intra_and_deltas() {
         stream.len()
     );
     assert_eq!(r.needs, 0);
+    // 100 + 1 non-zero pages; the re-sent ones were non-zero already.
+    assert_eq!(r.nonzero, 101);
+}
+
+#[test]
+fn page_beyond_its_block_falls_back() {
+    let mut s = StreamBuilder::new();
+    let mut last = None;
+    // pc.bios is 256 KiB: page 64 is past its end.
+    s.section(true, &records(&[(0, 1, 1), (1, 64, 2)], &mut last));
+    let stream = s.finish();
+    let mut p = StreamParser::new(QemuFormat::default());
+    p.push(&stream);
+    while p.next_event().is_some() {}
+    let f = p.fallback().expect("a fallback");
+    assert!(f.reason.contains("beyond"), "{}", f.reason);
+    run(&stream, &[5000], MemStore::default(), None);
 }
 
 #[test]

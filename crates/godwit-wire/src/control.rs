@@ -178,6 +178,13 @@ pub enum ControlResponse {
         /// The codec chosen: [`CODEC_RAW`] or [`CODEC_PAGES_V1`].
         codec: u8,
     },
+    /// Answer to `Commit`: the destination's own figures for the report.
+    Committed {
+        /// CPU seconds the destination spent receiving (its agent plus
+        /// QEMU's non-vCPU threads), when it measured them.
+        #[serde(default)]
+        receiver_cpu_s: Option<f64>,
+    },
     /// The request failed.
     Error {
         /// Error class.

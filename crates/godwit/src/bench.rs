@@ -9,6 +9,8 @@
 //!   that does not finish within 10 minutes counts as failed.
 //! - `transport`: QUIC bulk goodput per congestion controller, delay and
 //!   loss (`crate::bench_transport`).
+//! - `memory`: WAN-accelerated migration per delay, loss, workload and
+//!   site state, against QEMU direct (`crate::bench_memory`).
 
 use std::time::Duration;
 
@@ -33,6 +35,8 @@ pub enum Suite {
     Baseline,
     /// QUIC goodput on long fat pipes, per congestion controller and loss.
     Transport,
+    /// Seed 000 with WAN acceleration: bytes, time, CPU per workload and site.
+    Memory,
 }
 
 /// `godwit bench`.
@@ -46,9 +50,9 @@ pub struct BenchCmd {
     /// Link rate.
     #[arg(long, default_value = "100mbit", value_parser = parse_rate)]
     rate: u64,
-    /// Guest RAM for migration suites, MiB.
-    #[arg(long, default_value_t = 256)]
-    memory: u64,
+    /// Guest RAM for migration suites, MiB (baseline 256, memory 512).
+    #[arg(long)]
+    memory: Option<u64>,
     /// Pages memdirty re-dirties per second ("moderate": ~2 MB/s).
     #[arg(long, default_value_t = 500)]
     dirty_rate: u64,
@@ -62,6 +66,23 @@ pub struct BenchCmd {
         default_value = "qemu-direct,godwit-relay"
     )]
     paths: Vec<String>,
+    /// Workloads (memory suite): idle, realistic, memdirty-<percent of
+    /// the link rate>.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "idle,memdirty-25,realistic"
+    )]
+    workloads: Vec<crate::bench_memory::Workload>,
+    /// Site states (memory suite): cold, warm, return.
+    #[arg(long, value_delimiter = ',', default_value = "cold,warm,return")]
+    sites: Vec<crate::bench_memory::SiteState>,
+    /// Skip the qemu-direct baseline (memory suite).
+    #[arg(long)]
+    no_direct: bool,
+    /// Cap per migration, s; a slower one counts as failed.
+    #[arg(long, default_value_t = CAP_S)]
+    cap_s: u64,
     #[command(flatten)]
     transport: crate::bench_transport::TransportArgs,
 }
@@ -79,6 +100,26 @@ pub async fn run(c: BenchCmd, out: Out) -> Result<()> {
         Suite::Baseline => baseline(&c, out).await?,
         Suite::Transport => {
             crate::bench_transport::run(c.delays.clone(), c.rate, &c.transport, out).await?
+        }
+        Suite::Memory => {
+            let suite = crate::bench_memory::MemorySuite {
+                delays_ms: c
+                    .delays
+                    .clone()
+                    .unwrap_or_else(|| crate::bench_memory::DEFAULT_DELAYS_MS.to_vec()),
+                loss_pct: c
+                    .transport
+                    .loss_pct
+                    .clone()
+                    .unwrap_or_else(|| crate::bench_memory::DEFAULT_LOSS_PCT.to_vec()),
+                rate_bps: c.rate,
+                ram_mib: c.memory.unwrap_or(512),
+                workloads: c.workloads.clone(),
+                sites: c.sites.clone(),
+                direct: !c.no_direct,
+                cap_s: c.cap_s,
+            };
+            crate::bench_memory::run(&suite, out).await?
         }
     };
     let suite = format!("{:?}", c.suite).to_lowercase();
@@ -170,7 +211,7 @@ async fn baseline(c: &BenchCmd, out: Out) -> Result<Vec<Value>> {
             let mut row = row;
             row["delay_ms"] = json!(d);
             row["rate_mbit"] = json!(c.rate as f64 / 1e6);
-            row["ram_mib"] = json!(c.memory);
+            row["ram_mib"] = json!(c.memory.unwrap_or(256));
             rows.push(row);
             scenario::stop_everywhere(&["a", "b"], "bench").await;
         }
@@ -182,7 +223,7 @@ async fn baseline(c: &BenchCmd, out: Out) -> Result<Vec<Value>> {
 async fn one_migration(c: &BenchCmd, direct: bool, out: Out) -> Result<Value> {
     let a = scenario::site("a");
     let b = scenario::site("b");
-    let boot = scenario::boot(&a, "bench", c.memory, out).await?;
+    let boot = scenario::boot(&a, "bench", c.memory.unwrap_or(256), out).await?;
     scenario::memdirty(&a, "bench", c.dirty_mib, c.dirty_rate).await?;
     // Let the dirtier reach steady state, as a running workload would be.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -191,7 +232,7 @@ async fn one_migration(c: &BenchCmd, direct: bool, out: Out) -> Result<Value> {
         "bench",
         "b",
         direct,
-        CAP_S,
+        c.cap_s,
         Out {
             json: false,
             quiet: true,

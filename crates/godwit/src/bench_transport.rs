@@ -55,7 +55,7 @@ pub struct TransportArgs {
     congestion: Vec<Congestion>,
     /// Random loss rates, percent (transport suite).
     #[arg(long = "loss", value_delimiter = ',')]
-    loss_pct: Option<Vec<f64>>,
+    pub(crate) loss_pct: Option<Vec<f64>>,
     /// Measurement window, s (transport suite; default max(20 s, 40 RTT)).
     #[arg(long)]
     measure_s: Option<f64>,

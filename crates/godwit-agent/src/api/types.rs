@@ -202,6 +202,20 @@ pub struct MigrationReport {
     /// What the page-aware codec did (absent for raw relaying).
     #[serde(default)]
     pub codec: Option<MemoryCodecReport>,
+    /// CPU seconds the source spent: its agent, plus QEMU's migration
+    /// thread (see `crate::cpu`).
+    #[serde(default)]
+    pub sender_cpu_s: Option<f64>,
+    /// CPU seconds the destination spent: its agent, plus QEMU's threads
+    /// other than the vCPUs, until the guest ran there.
+    #[serde(default)]
+    pub receiver_cpu_s: Option<f64>,
+    /// Guest RAM that was not zero, bytes (page-aware codec only).
+    #[serde(default)]
+    pub nonzero_bytes: Option<u64>,
+    /// Wire bytes per GiB of non-zero guest RAM.
+    #[serde(default)]
+    pub wire_bytes_per_nonzero_gib: Option<f64>,
 }
 
 /// What the page-aware memory codec did in one migration (source side).
@@ -241,6 +255,31 @@ pub struct MemoryCodecReport {
     pub message_bytes: u64,
     /// CPU time spent compressing, seconds.
     pub compress_s: f64,
+    /// Guest pages whose last version was not zero.
+    #[serde(default)]
+    pub nonzero_pages: u64,
+    /// Share of page records by how they travelled.
+    #[serde(default)]
+    pub shares: PageShares,
+}
+
+/// Share of a migration's page records (0..=1) by how each travelled.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PageShares {
+    /// Zero pages.
+    pub zero: f64,
+    /// Already sent in this migration.
+    pub intra: f64,
+    /// Found in the destination site's store.
+    pub store: f64,
+    /// Found in the VM's earlier image there.
+    pub image: f64,
+    /// Found in disk blocks there.
+    pub disk: f64,
+    /// Sent as a delta against the version last sent.
+    pub delta: f64,
+    /// Sent whole (compressed).
+    pub literal: f64,
 }
 
 impl MemoryCodecReport {
@@ -267,6 +306,25 @@ impl MemoryCodecReport {
             ops_bytes: s.batch_raw_bytes,
             message_bytes: s.message_bytes,
             compress_s: s.compress_time.as_secs_f64(),
+            nonzero_pages: s.nonzero_pages,
+            shares: {
+                let share = |n: u64| {
+                    if s.pages == 0 {
+                        0.0
+                    } else {
+                        n as f64 / s.pages as f64
+                    }
+                };
+                PageShares {
+                    zero: share(s.zero_pages),
+                    intra: share(s.ref_pages[0]),
+                    store: share(s.ref_pages[1]),
+                    image: share(s.ref_pages[2]),
+                    disk: share(s.ref_pages[3]),
+                    delta: share(s.delta_pages),
+                    literal: share(s.literal_pages),
+                }
+            },
         }
     }
 

@@ -35,6 +35,7 @@ use tracing::{info, warn, Instrument};
 
 use crate::api::types::VmState;
 use crate::config::MemoryCodecSetting;
+use crate::cpu::ReceiverCpu;
 use crate::memcodec::{Inbound, SharedStore};
 use crate::relay::{read_first_frame, run_destination, write_frame, RelayStats};
 use crate::rpgate::ReturnGate;
@@ -59,6 +60,10 @@ pub struct IncomingJob {
     /// Gate on the return path's SHUT.
     pub gate: Arc<ReturnGate>,
     started: Instant,
+    /// Receiving cost, metered from the launch of QEMU to the guest's
+    /// start here ([`Self::receiver_cpu_s`]).
+    cpu: ReceiverCpu,
+    receiver_cpu_s: Mutex<Option<f64>>,
     stream_taken: AtomicBool,
     outcome: Mutex<IncomingOutcome>,
     cancel: watch::Sender<Option<String>>,
@@ -148,6 +153,7 @@ pub async fn prepare(
         return error(ErrorCode::Internal, crate::error_chain(&e));
     }
     let (cancel, _) = watch::channel(None);
+    let cpu = ReceiverCpu::start(vm.instance.pid);
     let job = Arc::new(IncomingJob {
         id: migration_id.clone(),
         from: from.into(),
@@ -156,6 +162,8 @@ pub async fn prepare(
         relay: Arc::new(RelayStats::default()),
         gate: Arc::new(ReturnGate::default()),
         started: Instant::now(),
+        cpu,
+        receiver_cpu_s: Mutex::new(None),
         // A direct migration never gets a relayed stream.
         stream_taken: AtomicBool::new(direct),
         outcome: Mutex::new(IncomingOutcome::Loading),
@@ -221,6 +229,7 @@ async fn settle_failure(agent: &Agent, job: &IncomingJob, reason: String) -> Inc
 
 fn adopt(agent: &Agent, job: &IncomingJob) {
     if job.vm.state() != VmState::Running {
+        *job.receiver_cpu_s.lock().unwrap_or_else(|p| p.into_inner()) = Some(job.cpu.seconds());
         agent.vms.set_state(&job.vm, VmState::Running);
         agent.metrics.incoming_completed.inc();
         info!(
@@ -460,7 +469,9 @@ pub fn commit(agent: &Agent, id: &str) -> ControlResponse {
                 vm = job.vm.spec.name,
                 "source retired its copy"
             );
-            ControlResponse::Ok
+            ControlResponse::Committed {
+                receiver_cpu_s: *job.receiver_cpu_s.lock().unwrap_or_else(|p| p.into_inner()),
+            }
         }
         Some(job) => error(
             ErrorCode::Conflict,

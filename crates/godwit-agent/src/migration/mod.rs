@@ -118,6 +118,8 @@ pub struct MigrationJob {
     /// UDP payload bytes the peer connection carried during the migration
     /// (QUIC headers, acknowledgements and retransmissions included).
     pub transport_bytes: std::sync::atomic::AtomicU64,
+    /// The sender's CPU meter, once QEMU was told to migrate.
+    pub sender_cpu: Mutex<Option<crate::cpu::SenderCpu>>,
     state: Mutex<JobState>,
 }
 
@@ -142,6 +144,7 @@ impl MigrationJob {
             direct: false,
             cancel: tokio::sync::watch::channel(None).0,
             transport_bytes: std::sync::atomic::AtomicU64::new(0),
+            sender_cpu: Mutex::new(None),
             state: Mutex::new(JobState {
                 phase: MigrationPhase::Preparing,
                 progress: MigrationProgress::default(),

@@ -35,6 +35,7 @@ use crate::api::types::{
     MigrationPhase, MigrationProgress, MigrationReport, StartMigration, VmState,
 };
 use crate::config::{MemoryCodecSetting, PeerEntry};
+use crate::cpu::SenderCpu;
 use crate::memcodec::Outbound;
 use crate::relay::{read_first_frame, run_source, write_frame, RelayError};
 use crate::vm::VmHandle;
@@ -108,12 +109,18 @@ async fn run(
             let commit = ControlRequest::Commit {
                 migration_id: job.id.clone(),
             };
-            if let Err(e) = agent
+            match agent
                 .peers
                 .call(&peer, commit, Duration::from_secs(5))
                 .await
             {
-                warn!(cause = %crate::error_chain(&e), "could not confirm the commit to the destination (it owns the VM anyway)");
+                Ok(ControlResponse::Committed { receiver_cpu_s }) => {
+                    report.receiver_cpu_s = receiver_cpu_s;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(cause = %crate::error_chain(&e), "could not confirm the commit to the destination (it owns the VM anyway)");
+                }
             }
             agent.vms.remove(&vm).await;
             agent.metrics.migrations_completed.inc();
@@ -252,6 +259,7 @@ async fn transfer_direct(
     let port = uri.rsplit(':').next().unwrap_or_default();
     let uri = format!("tcp:{}:{port}", peer.addr.ip());
     configure_qemu(agent, vm, req).await?;
+    start_cpu_meter(job, vm, false);
     vm.qmp("migrate", json!({ "uri": uri })).await?;
     job.set_phase(MigrationPhase::Transferring);
     let timeout_s = req.timeout_s.unwrap_or(agent.cfg.migration.timeout_s);
@@ -264,6 +272,7 @@ async fn transfer_direct(
                 desc: "QEMU stopped answering".into(),
             });
         };
+        sample_cpu(job);
         let status = str_field(&stats, "status").unwrap_or_default();
         let mut p = progress_from(job, &stats);
         p.wire_bytes = p.transferred_bytes;
@@ -394,6 +403,7 @@ async fn transfer(
         source,
     })?;
     configure_qemu(agent, vm, req).await?;
+    start_cpu_meter(job, vm, true);
     vm.qmp(
         "migrate",
         json!({"uri": format!("unix:{}", path.display())}),
@@ -458,6 +468,7 @@ async fn transfer(
                 }
             },
             _ = tick.tick() => {
+                sample_cpu(job);
                 if let Some(stats) = last_stats(vm).await {
                     let status = str_field(&stats, "status").unwrap_or_default();
                     if status != "active" && status != "setup" && job.phase() == MigrationPhase::Transferring {
@@ -472,6 +483,7 @@ async fn transfer(
             }
         }
     };
+    sample_cpu(job);
     if let Outbound::Pages(enc) = &outbound {
         let report = MemoryCodecReport::from_encoder(enc.stats(), enc.fallback());
         if let Ok(mut c) = job.relay.codec.lock() {
@@ -695,6 +707,10 @@ fn progress_from(job: &MigrationJob, v: &Value) -> MigrationProgress {
 fn build_report(job: &MigrationJob, vm: &VmHandle, last: Option<&Value>) -> MigrationReport {
     let wire = job.relay.wire_bytes();
     let ram_mib = vm.spec.memory_mib;
+    let codec = job.relay.codec.lock().ok().and_then(|c| c.clone());
+    let nonzero_bytes = codec
+        .as_ref()
+        .map(|c| c.nonzero_pages * godwit_migstream::PAGE_SIZE as u64);
     MigrationReport {
         success: false,
         total_ms: job.started.elapsed().as_millis() as u64,
@@ -710,10 +726,9 @@ fn build_report(job: &MigrationJob, vm: &VmHandle, last: Option<&Value>) -> Migr
         } else {
             0.0
         },
-        codec: job.relay.codec.lock().ok().and_then(|c| c.clone()),
         mode: if job.direct {
             "qemu-direct".into()
-        } else if job.relay.codec.lock().is_ok_and(|c| c.is_some()) {
+        } else if codec.is_some() {
             "pages".into()
         } else {
             "relay".into()
@@ -721,5 +736,32 @@ fn build_report(job: &MigrationJob, vm: &VmHandle, last: Option<&Value>) -> Migr
         passes: last
             .and_then(|v| u64_field(v, &["ram", "dirty-sync-count"]))
             .unwrap_or(0),
+        codec,
+        sender_cpu_s: job
+            .sender_cpu
+            .lock()
+            .ok()
+            .and_then(|c| c.as_ref().map(|c| c.seconds())),
+        receiver_cpu_s: None,
+        nonzero_bytes,
+        wire_bytes_per_nonzero_gib: nonzero_bytes
+            .filter(|n| *n > 0)
+            .map(|n| wire as f64 * (1u64 << 30) as f64 / n as f64),
+    }
+}
+
+/// Starts metering the sender's CPU just before QEMU starts migrating.
+fn start_cpu_meter(job: &MigrationJob, vm: &VmHandle, agent_carries_stream: bool) {
+    if let Ok(mut c) = job.sender_cpu.lock() {
+        *c = Some(SenderCpu::start(vm.instance.pid, agent_carries_stream));
+    }
+}
+
+/// Reads QEMU's migration thread while it still exists.
+fn sample_cpu(job: &MigrationJob) {
+    if let Ok(mut c) = job.sender_cpu.lock() {
+        if let Some(c) = c.as_mut() {
+            c.sample();
+        }
     }
 }
