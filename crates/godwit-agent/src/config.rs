@@ -86,6 +86,9 @@ pub struct AgentConfig {
     /// Transport tuning.
     #[serde(default)]
     pub transport: TransportSection,
+    /// The site's page store.
+    #[serde(default)]
+    pub store: StoreSection,
     /// Trusted peer agents.
     #[serde(default)]
     pub peers: Vec<PeerEntry>,
@@ -167,6 +170,33 @@ impl Default for MigrationSection {
         }
     }
 }
+
+/// `[store]`: this host's share of the site's page store, which keeps
+/// the pages of every migration into or out of this host so later ones
+/// (another VM of the same image, the VM coming back) need not send them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    /// Keep a page store at all (off: every migration starts cold).
+    pub enabled: bool,
+    /// Where it lives; default `<state_dir>/store`.
+    pub dir: Option<PathBuf>,
+    /// Size bound between migrations, bytes.
+    pub max_bytes: u64,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            dir: None,
+            max_bytes: DEFAULT_STORE_BYTES,
+        }
+    }
+}
+
+/// Default bound of the page store: 8 GiB.
+pub const DEFAULT_STORE_BYTES: u64 = 8 << 30;
 
 /// `[transport]`: QUIC tuning.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -365,6 +395,7 @@ pub fn init(opts: &InitOptions) -> Result<InitReport, ConfigError> {
         },
         migration: MigrationSection::default(),
         transport: TransportSection::default(),
+        store: StoreSection::default(),
         peers: Vec::new(),
     };
     cfg.validate()?;

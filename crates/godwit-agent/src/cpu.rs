@@ -113,14 +113,23 @@ impl SenderCpu {
         }
     }
 
-    /// Seconds so far.
+    /// Seconds so far: the agent's and QEMU's.
     pub fn seconds(&self) -> f64 {
-        let agent = if self.include_agent {
-            process_cpu().saturating_sub(self.agent_start)
+        self.agent_seconds() + self.qemu_seconds()
+    }
+
+    /// The agent's part (parsing, coding, compressing, QUIC).
+    pub fn agent_seconds(&self) -> f64 {
+        if self.include_agent {
+            process_cpu().saturating_sub(self.agent_start).as_secs_f64()
         } else {
-            Duration::ZERO
-        };
-        (agent + self.qemu_thread).as_secs_f64()
+            0.0
+        }
+    }
+
+    /// QEMU's migration thread's part.
+    pub fn qemu_seconds(&self) -> f64 {
+        self.qemu_thread.as_secs_f64()
     }
 }
 

@@ -30,6 +30,7 @@ pub mod migration;
 pub mod peer;
 pub mod relay;
 pub mod rpgate;
+pub mod site;
 pub mod vm;
 
 use std::sync::{Arc, Mutex};
@@ -101,6 +102,8 @@ pub struct Agent {
     /// Migration sockets held after an undecided migration (see
     /// `migration::source`).
     pub held_sockets: Mutex<Vec<tokio::net::UnixStream>>,
+    /// The site's page store, unless disabled or unusable.
+    pub site: Option<Arc<site::Site>>,
 }
 
 impl Agent {
@@ -194,7 +197,30 @@ pub async fn run(
     for id in arrived {
         migrations.record_outcome(id, godwit_wire::IncomingOutcome::Running);
     }
+    let site = if cfg.store.enabled {
+        let dir = cfg
+            .store
+            .dir
+            .clone()
+            .unwrap_or_else(|| cfg.state_dir.join("store"));
+        let max = cfg.store.max_bytes;
+        match tokio::task::spawn_blocking(move || site::Site::open(&dir, max)).await {
+            Ok(Ok(s)) => Some(s),
+            Ok(Err(e)) => {
+                // Migrations still work, only without the store's hits.
+                warn!(cause = %error_chain(&e), "site store unusable; migrations run without it");
+                None
+            }
+            Err(e) => {
+                warn!(cause = %e, "opening the site store failed");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let agent = Arc::new(Agent {
+        site,
         peers: peer::Peers::new(cfg.name.clone(), transport.clone(), cfg.peers.clone()),
         cfg,
         config_path,

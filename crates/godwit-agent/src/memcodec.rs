@@ -18,13 +18,15 @@ use godwit_migstream::{Decoder, Encoder, PageStore};
 use godwit_wire::Frame;
 
 use crate::relay::{RelayError, CHUNK};
+use crate::site::ImageRecorder;
 
 /// Source end: QEMU's bytes in, frames out.
 pub enum Outbound {
     /// Byte-exact `Data` frames.
     Raw(VecDeque<Frame>),
-    /// The page-aware encoder.
-    Pages(Box<Encoder>),
+    /// The page-aware encoder, and where the pages it sends are recorded
+    /// (this site's store), if anywhere.
+    Pages(Box<Encoder>, Option<ImageRecorder>),
 }
 
 impl Outbound {
@@ -42,7 +44,13 @@ impl Outbound {
                 }
                 Ok(())
             }
-            Outbound::Pages(e) => e.push(b).map_err(codec_err),
+            Outbound::Pages(e, rec) => {
+                e.push(b).map_err(codec_err)?;
+                if let Some(r) = rec {
+                    r.record(e.take_new_pages());
+                }
+                Ok(())
+            }
         }
     }
 
@@ -50,7 +58,7 @@ impl Outbound {
     pub fn has_unflushed(&self) -> bool {
         match self {
             Outbound::Raw(_) => false,
-            Outbound::Pages(e) => e.has_unflushed(),
+            Outbound::Pages(e, _) => e.has_unflushed(),
         }
     }
 
@@ -58,7 +66,7 @@ impl Outbound {
     pub fn flush(&mut self) -> Result<(), RelayError> {
         match self {
             Outbound::Raw(_) => Ok(()),
-            Outbound::Pages(e) => e.flush().map_err(codec_err),
+            Outbound::Pages(e, _) => e.flush().map_err(codec_err),
         }
     }
 
@@ -66,7 +74,13 @@ impl Outbound {
     pub fn finish(&mut self) -> Result<(), RelayError> {
         match self {
             Outbound::Raw(_) => Ok(()),
-            Outbound::Pages(e) => e.finish().map_err(codec_err),
+            Outbound::Pages(e, rec) => {
+                e.finish().map_err(codec_err)?;
+                if let Some(r) = rec {
+                    r.record(e.take_new_pages());
+                }
+                Ok(())
+            }
         }
     }
 
@@ -74,7 +88,7 @@ impl Outbound {
     pub fn peek_priority(&self) -> Option<bool> {
         match self {
             Outbound::Raw(q) => q.front().map(|_| false),
-            Outbound::Pages(e) => e.peek_priority(),
+            Outbound::Pages(e, _) => e.peek_priority(),
         }
     }
 
@@ -82,7 +96,7 @@ impl Outbound {
     pub fn pop(&mut self) -> Option<(Frame, bool)> {
         match self {
             Outbound::Raw(q) => q.pop_front().map(|f| (f, false)),
-            Outbound::Pages(e) => e
+            Outbound::Pages(e, _) => e
                 .poll_message()
                 .map(|o| (Frame::Codec(o.payload), o.priority)),
         }
@@ -90,14 +104,14 @@ impl Outbound {
 
     /// A windowed frame went out; `wire_end` is the window's sent count.
     pub fn on_sent(&mut self, wire_end: u64) {
-        if let Outbound::Pages(e) = self {
+        if let Outbound::Pages(e, _) = self {
             e.on_sent(wire_end);
         }
     }
 
     /// The destination acknowledged `wire` bytes.
     pub fn on_acked(&mut self, wire: u64) {
-        if let Outbound::Pages(e) = self {
+        if let Outbound::Pages(e, _) = self {
             e.on_acked(wire);
         }
     }
@@ -108,13 +122,13 @@ impl Outbound {
             Outbound::Raw(_) => Err(RelayError::Protocol(
                 "codec message on a raw memory stream".into(),
             )),
-            Outbound::Pages(e) => e.handle_message(payload).map_err(codec_err),
+            Outbound::Pages(e, _) => e.handle_message(payload).map_err(codec_err),
         }
     }
 
     /// The link's measured rate (bytes/s), for the choice of compression.
     pub fn set_link_rate(&mut self, rate: f64) {
-        if let Outbound::Pages(e) = self {
+        if let Outbound::Pages(e, _) = self {
             e.set_link_rate(rate);
         }
     }

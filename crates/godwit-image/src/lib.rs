@@ -34,6 +34,7 @@
 pub mod apt;
 pub mod cpio;
 pub mod kmod;
+pub mod ramimage;
 
 use std::fs::{self, File};
 use std::io::BufWriter;

@@ -177,6 +177,11 @@ pub enum ControlResponse {
     MemoryAccepted {
         /// The codec chosen: [`CODEC_RAW`] or [`CODEC_PAGES_V1`].
         codec: u8,
+        /// `Codec` frames (summaries of what the destination holds) that
+        /// follow this answer before anything else; the source reads them
+        /// before QEMU starts, so no page misses a hit by arriving early.
+        #[serde(default)]
+        summaries: u32,
     },
     /// Answer to `Commit`: the destination's own figures for the report.
     Committed {

@@ -306,6 +306,7 @@ fn figures(r: &MigrationReport) -> Value {
         "wire_per_gib_ram": per_gib(Some(r.wire_bytes as f64)),
         "wire_gib_per_gib_nonzero": r.wire_bytes_per_nonzero_gib.map(|b| b / GIB),
         "sender_cpu_s": r.sender_cpu_s,
+        "sender_agent_cpu_s": r.sender_agent_cpu_s,
         "receiver_cpu_s": r.receiver_cpu_s,
         "sender_cpu_s_per_gib": per_gib(r.sender_cpu_s),
         "receiver_cpu_s_per_gib": per_gib(r.receiver_cpu_s),

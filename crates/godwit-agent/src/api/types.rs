@@ -206,6 +206,9 @@ pub struct MigrationReport {
     /// thread (see `crate::cpu`).
     #[serde(default)]
     pub sender_cpu_s: Option<f64>,
+    /// The source agent's part of `sender_cpu_s`.
+    #[serde(default)]
+    pub sender_agent_cpu_s: Option<f64>,
     /// CPU seconds the destination spent: its agent, plus QEMU's threads
     /// other than the vCPUs, until the guest ran there.
     #[serde(default)]

@@ -382,13 +382,30 @@ pub async fn accept_memory_stream(
     let pages =
         header.codec >= CODEC_PAGES_V1 && agent.cfg.migration.codec == MemoryCodecSetting::Pages;
     let (answer, mut inbound, greeting) = if pages {
-        let store: SharedStore = Box::<MemStore>::default();
+        let (store, greeting): (SharedStore, Vec<Frame>) = match agent.site.clone() {
+            Some(site) => {
+                let spec = job.vm.spec.clone();
+                let s = site.clone();
+                let summaries = tokio::task::spawn_blocking(move || {
+                    s.index_boot_media(spec.kernel.as_deref(), spec.initrd.as_deref());
+                    s.summary_messages(&spec.name)
+                })
+                .await
+                .unwrap_or_default();
+                (
+                    Box::new(site.incoming()),
+                    summaries.into_iter().map(Frame::Codec).collect(),
+                )
+            }
+            None => (Box::<MemStore>::default(), Vec::new()),
+        };
         (
             ControlResponse::MemoryAccepted {
                 codec: CODEC_PAGES_V1,
+                summaries: greeting.len() as u32,
             },
             Inbound::Pages(Box::new(Decoder::new(store))),
-            Vec::new(),
+            greeting,
         )
     } else {
         (ControlResponse::Ok, Inbound::raw(), Vec::new())
@@ -411,6 +428,11 @@ pub async fn accept_memory_stream(
     .await;
     if let Inbound::Pages(d) = &inbound {
         info!(migration = job.id, stats = ?d.stats(), "page-aware stream decoded");
+    }
+    // Unpin the store, write what arrived, shrink to the bound.
+    drop(inbound);
+    if let Some(site) = agent.site.clone() {
+        let _ = tokio::task::spawn_blocking(move || site.settle()).await;
     }
     agent
         .metrics
@@ -462,6 +484,23 @@ pub async fn abort(agent: &Agent, id: &str, reason: String) -> ControlResponse {
 
 /// Handles `Commit`: the source retired its copy.
 pub fn commit(agent: &Agent, id: &str) -> ControlResponse {
+    if let Some(job) = agent.migrations.incoming(id) {
+        // The source completes on our SHUT, which may be before the
+        // watcher's next look at QEMU: a passed SHUT already decided.
+        if job.gate.shut_passed() {
+            let newly = {
+                let mut o = job.outcome.lock().unwrap_or_else(|p| p.into_inner());
+                let loading = matches!(*o, IncomingOutcome::Loading);
+                if loading {
+                    *o = IncomingOutcome::Running;
+                }
+                loading
+            };
+            if newly {
+                adopt(agent, &job);
+            }
+        }
+    }
     match agent.migrations.incoming(id) {
         Some(job) if matches!(job.outcome(), IncomingOutcome::Running) => {
             info!(
@@ -469,8 +508,15 @@ pub fn commit(agent: &Agent, id: &str) -> ControlResponse {
                 vm = job.vm.spec.name,
                 "source retired its copy"
             );
+            // The source may commit before our watcher noticed the guest
+            // run (SHUT passed first): meter now then.
+            let cpu = job
+                .receiver_cpu_s
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .unwrap_or_else(|| job.cpu.seconds());
             ControlResponse::Committed {
-                receiver_cpu_s: *job.receiver_cpu_s.lock().unwrap_or_else(|p| p.into_inner()),
+                receiver_cpu_s: Some(cpu),
             }
         }
         Some(job) => error(

@@ -45,6 +45,8 @@ use crate::Agent;
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 /// Time allowed for the destination to launch its QEMU.
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Time allowed for the destination's summaries to arrive.
+const SUMMARY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time allowed for QEMU to connect to the relay socket after `migrate`.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(15);
 /// QEMU's `max-bandwidth`, bytes/s: effectively unlimited, because the
@@ -356,14 +358,16 @@ async fn transfer(
     write_frame(&mut send, &Frame::open(&open))
         .await
         .map_err(MigrationError::Relay)?;
-    let codec = match read_first_frame(&mut recv)
+    let (codec, summaries) = match read_first_frame(&mut recv)
         .await
         .map_err(MigrationError::Relay)?
     {
         f @ Frame::Control(_) => match f.json::<ControlResponse>() {
             // A destination without the page-aware codec.
-            Ok(ControlResponse::Ok) => CODEC_RAW,
-            Ok(ControlResponse::MemoryAccepted { codec }) if codec <= offer => codec,
+            Ok(ControlResponse::Ok) => (CODEC_RAW, 0),
+            Ok(ControlResponse::MemoryAccepted { codec, summaries }) if codec <= offer => {
+                (codec, summaries)
+            }
             Ok(other) => {
                 return Err(MigrationError::Refused {
                     peer: peer.name.clone(),
@@ -387,9 +391,33 @@ async fn transfer(
     };
     let mut outbound = if codec == CODEC_PAGES_V1 {
         let format = qemu_format(vm).await;
-        let enc = Encoder::new(format, EncoderConfig::default())
+        let mut enc = Encoder::new(format, EncoderConfig::default())
             .map_err(|e| MigrationError::Relay(RelayError::Codec(e.to_string())))?;
-        Outbound::Pages(Box::new(enc))
+        // What the destination holds, before QEMU sends a page.
+        for _ in 0..summaries {
+            let f = tokio::time::timeout(SUMMARY_TIMEOUT, read_first_frame(&mut recv))
+                .await
+                .map_err(|_| {
+                    MigrationError::Relay(RelayError::Protocol(
+                        "the destination's summaries did not arrive".into(),
+                    ))
+                })?
+                .map_err(MigrationError::Relay)?;
+            match f {
+                Frame::Codec(p) => enc
+                    .handle_message(&p)
+                    .map_err(|e| MigrationError::Relay(RelayError::Codec(e.to_string())))?,
+                other => {
+                    return Err(MigrationError::Relay(RelayError::Protocol(format!(
+                        "expected a summary, got a {:?} frame",
+                        other.kind()
+                    ))))
+                }
+            }
+        }
+        let recorder = agent.site.as_ref().and_then(|s| s.recorder(&vm.spec.name));
+        enc.keep_new_pages(recorder.is_some());
+        Outbound::Pages(Box::new(enc), recorder)
     } else {
         Outbound::raw()
     };
@@ -484,11 +512,16 @@ async fn transfer(
         }
     };
     sample_cpu(job);
-    if let Outbound::Pages(enc) = &outbound {
+    if let Outbound::Pages(enc, _) = &outbound {
         let report = MemoryCodecReport::from_encoder(enc.stats(), enc.fallback());
         if let Ok(mut c) = job.relay.codec.lock() {
             *c = Some(report);
         }
+    }
+    // Write the recorded image and shrink the store off the async threads.
+    drop(outbound);
+    if let Some(site) = agent.site.clone() {
+        let _ = tokio::task::spawn_blocking(move || site.settle()).await;
     }
     let after = conn.stats();
     job.transport_bytes.store(
@@ -742,6 +775,11 @@ fn build_report(job: &MigrationJob, vm: &VmHandle, last: Option<&Value>) -> Migr
             .lock()
             .ok()
             .and_then(|c| c.as_ref().map(|c| c.seconds())),
+        sender_agent_cpu_s: job
+            .sender_cpu
+            .lock()
+            .ok()
+            .and_then(|c| c.as_ref().map(|c| c.agent_seconds())),
         receiver_cpu_s: None,
         nonzero_bytes,
         wire_bytes_per_nonzero_gib: nonzero_bytes
