@@ -137,6 +137,7 @@ impl Agent {
         metrics::Gauges {
             vms_by_state: by_state.into_iter().collect(),
             peers,
+            store: self.site.as_ref().map(|s| s.lock().stats()),
         }
     }
 }

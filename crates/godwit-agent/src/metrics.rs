@@ -42,6 +42,47 @@ pub struct Metrics {
     pub relay_rx_bytes: Counter,
     /// API requests served.
     pub api_requests: Counter,
+    /// Wire bytes of outgoing memory streams (after the codec).
+    pub memory_wire_bytes: Counter,
+    /// Guest RAM bytes that were not zero, over outgoing migrations.
+    pub memory_nonzero_bytes: Counter,
+    /// Pages of outgoing migrations by how they travelled, in the order
+    /// of [`PAGE_KINDS`].
+    pub memory_pages: [Counter; 7],
+    /// Sender CPU of outgoing migrations, microseconds.
+    pub sender_cpu_us: Counter,
+}
+
+/// Labels of [`Metrics::memory_pages`].
+pub const PAGE_KINDS: [&str; 7] = [
+    "zero", "intra", "store", "image", "disk", "delta", "literal",
+];
+
+impl Metrics {
+    /// Adds an outgoing migration's figures.
+    pub fn record_migration(&self, r: &crate::api::types::MigrationReport) {
+        self.memory_wire_bytes.add(r.wire_bytes);
+        if let Some(n) = r.nonzero_bytes {
+            self.memory_nonzero_bytes.add(n);
+        }
+        if let Some(c) = &r.codec {
+            let refs = [
+                c.zero_pages,
+                c.intra_pages,
+                c.store_pages,
+                c.image_pages,
+                c.disk_pages,
+                c.delta_pages,
+                c.literal_pages,
+            ];
+            for (m, n) in self.memory_pages.iter().zip(refs) {
+                m.add(n);
+            }
+        }
+        if let Some(s) = r.sender_cpu_s {
+            self.sender_cpu_us.add((s * 1e6) as u64);
+        }
+    }
 }
 
 /// Gauges sampled at render time.
@@ -51,6 +92,8 @@ pub struct Gauges {
     pub vms_by_state: Vec<(String, u64)>,
     /// Per peer: (name, connected, rtt seconds, bytes sent, bytes received, lost packets).
     pub peers: Vec<(String, bool, f64, u64, u64, u64)>,
+    /// The site store's figures, if there is one.
+    pub store: Option<godwit_sitestore::StoreStats>,
 }
 
 impl Metrics {
@@ -95,6 +138,39 @@ impl Metrics {
             "Local API requests served.",
             self.api_requests.get(),
         );
+        counter(
+            "memory_wire_bytes_total",
+            "Wire bytes of outgoing memory streams, after the page-aware codec.",
+            self.memory_wire_bytes.get(),
+        );
+        counter(
+            "memory_nonzero_bytes_total",
+            "Non-zero guest RAM bytes of outgoing migrations.",
+            self.memory_nonzero_bytes.get(),
+        );
+        let _ = writeln!(o, "# HELP godwit_memory_pages_total Pages of outgoing migrations by how they travelled.\n# TYPE godwit_memory_pages_total counter");
+        for (kind, c) in PAGE_KINDS.iter().zip(&self.memory_pages) {
+            let _ = writeln!(
+                o,
+                "godwit_memory_pages_total{{agent=\"{agent}\",how=\"{kind}\"}} {}",
+                c.get()
+            );
+        }
+        let _ = writeln!(o, "# HELP godwit_sender_cpu_seconds_total CPU the source spent on outgoing migrations (agent and QEMU's migration thread).\n# TYPE godwit_sender_cpu_seconds_total counter\ngodwit_sender_cpu_seconds_total{{agent=\"{agent}\"}} {}", self.sender_cpu_us.get() as f64 / 1e6);
+        if let Some(s) = &g.store {
+            let _ = writeln!(o, "# HELP godwit_store Site page store figures (pages, bytes, disk_chunks; hits, misses, corrupt and evicted_pages count since start).\n# TYPE godwit_store gauge");
+            for (k, v) in [
+                ("pages", s.pages),
+                ("bytes", s.bytes),
+                ("disk_chunks", s.disk_chunks),
+                ("hits", s.hits),
+                ("misses", s.misses),
+                ("corrupt", s.corrupt),
+                ("evicted_pages", s.evicted_pages),
+            ] {
+                let _ = writeln!(o, "godwit_store{{agent=\"{agent}\",figure=\"{k}\"}} {v}");
+            }
+        }
         let _ = writeln!(
             o,
             "# HELP godwit_vms VMs on this host by state.\n# TYPE godwit_vms gauge"
@@ -154,12 +230,16 @@ mod tests {
         let g = Gauges {
             vms_by_state: vec![("running".into(), 2)],
             peers: vec![("b".into(), true, 0.26, 10, 20, 0)],
+            store: Some(godwit_sitestore::StoreStats::default()),
         };
+        m.memory_pages[2].add(7);
         let t = m.render("a", &g);
         assert!(t.contains("godwit_migrations_started_total{agent=\"a\"} 1"));
         assert!(t.contains("godwit_relay_tx_bytes_total{agent=\"a\"} 42"));
         assert!(t.contains("godwit_vms{agent=\"a\",state=\"running\"} 2"));
         assert!(t.contains("godwit_peer_rtt_seconds{agent=\"a\",peer=\"b\"} 0.26"));
+        assert!(t.contains("godwit_memory_pages_total{agent=\"a\",how=\"store\"} 7"));
+        assert!(t.contains("godwit_store{agent=\"a\",figure=\"pages\"} 0"));
         for line in t.lines().filter(|l| !l.starts_with('#')) {
             let mut parts = line.rsplitn(2, ' ');
             let v = parts.next().unwrap();

@@ -104,6 +104,7 @@ async fn run(
     let ending = drive(&agent, &job, &vm, &peer, &req).await;
     let last = last_stats(&vm).await;
     let mut report = build_report(&job, &vm, last.as_ref());
+    agent.metrics.record_migration(&report);
     match ending {
         Ending::Completed => {
             report.success = true;
