@@ -116,6 +116,14 @@ fn format(path: &Path, what: impl Into<String>) -> RamImageError {
 /// the unpacked files.
 pub fn cpio_member_pages(path: &Path) -> Result<Extents, RamImageError> {
     let data = fs::read(path).map_err(io(path))?;
+    Ok(Extents {
+        path: path.into(),
+        chunks: cpio_members(&data).map_err(|what| format(path, what))?,
+    })
+}
+
+/// [`cpio_member_pages`] of an archive in memory.
+pub fn cpio_members(data: &[u8]) -> Result<Vec<(u64, u32)>, String> {
     let mut chunks = Vec::new();
     let mut off = 0usize;
     loop {
@@ -128,15 +136,15 @@ pub fn cpio_member_pages(path: &Path) -> Result<Extents, RamImageError> {
         }
         let hdr = data
             .get(off..off + NEWC_HEADER)
-            .ok_or_else(|| format(path, format!("truncated cpio header at {off}")))?;
+            .ok_or_else(|| format!("truncated cpio header at {off}"))?;
         if &hdr[..6] != NEWC {
-            return Err(format(path, format!("no newc header at {off}")));
+            return Err(format!("no newc header at {off}"));
         }
         let field = |i: usize| {
             std::str::from_utf8(&hdr[6 + i * 8..14 + i * 8])
                 .ok()
                 .and_then(|s| u32::from_str_radix(s, 16).ok())
-                .ok_or_else(|| format(path, format!("bad cpio field {i} at {off}")))
+                .ok_or_else(|| format!("bad cpio field {i} at {off}"))
         };
         let mode = field(1)?;
         let size = field(6)? as usize;
@@ -144,13 +152,10 @@ pub fn cpio_member_pages(path: &Path) -> Result<Extents, RamImageError> {
         let name_end = off + NEWC_HEADER + namesize;
         let data_start = (name_end + 3) & !3;
         let name = data
-            .get(off + NEWC_HEADER..name_end.saturating_sub(1))
-            .ok_or_else(|| format(path, "truncated cpio name"))?;
-        if data_start + size > data.len() {
-            return Err(format(
-                path,
-                format!("cpio member at {off} runs past the end"),
-            ));
+            .get(off + NEWC_HEADER..name_end.saturating_sub(1).max(off + NEWC_HEADER))
+            .ok_or_else(|| "truncated cpio name".to_string())?;
+        if data_start.saturating_add(size) > data.len() {
+            return Err(format!("cpio member at {off} runs past the end"));
         }
         if name == b"TRAILER!!!" {
             off = data_start + size;
@@ -161,49 +166,53 @@ pub fn cpio_member_pages(path: &Path) -> Result<Extents, RamImageError> {
         }
         off = (data_start + size + 3) & !3;
     }
-    Ok(Extents {
-        path: path.into(),
-        chunks,
-    })
+    Ok(chunks)
 }
 
 /// The loadable segments of an ELF64 kernel, page by page.
 pub fn elf_load_pages(path: &Path) -> Result<Extents, RamImageError> {
     let elf = fs::read(path).map_err(io(path))?;
+    Ok(Extents {
+        path: path.into(),
+        chunks: elf_segments(&elf).map_err(|what| format(path, what))?,
+    })
+}
+
+/// [`elf_load_pages`] of an ELF64 image in memory.
+pub fn elf_segments(elf: &[u8]) -> Result<Vec<(u64, u32)>, String> {
     if elf.get(..5) != Some(b"\x7fELF\x02") {
-        return Err(format(path, "not an ELF64 file"));
+        return Err("not an ELF64 file".into());
     }
-    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    // Offsets come from the file: never let them overflow.
+    let field = |o: usize, n: usize| elf.get(o..o.checked_add(n)?);
+    let u16_at = |o: usize| field(o, 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |o: usize| field(o, 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
     let u64_at = |o: usize| {
-        elf.get(o..o + 8)
+        field(o, 8)
             .and_then(|b| b.try_into().ok())
             .map(u64::from_le_bytes)
     };
-    let bad = || format(path, "truncated ELF header");
-    let phoff = u64_at(0x20).ok_or_else(bad)? as usize;
+    let bad = || "truncated ELF header".to_string();
+    let phoff = usize::try_from(u64_at(0x20).ok_or_else(bad)?).map_err(|_| bad())?;
     let phentsize = u16_at(0x36).ok_or_else(bad)? as usize;
     let phnum = u16_at(0x38).ok_or_else(bad)? as usize;
     let mut chunks = Vec::new();
     for i in 0..phnum {
-        let ph = phoff + i * phentsize;
-        let p_type = elf
-            .get(ph..ph + 4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        let ph = i
+            .checked_mul(phentsize)
+            .and_then(|x| x.checked_add(phoff))
             .ok_or_else(bad)?;
-        if p_type != 1 {
+        if u32_at(ph).ok_or_else(bad)? != 1 {
             continue; // not PT_LOAD
         }
-        let offset = u64_at(ph + 8).ok_or_else(bad)?;
-        let filesz = u64_at(ph + 32).ok_or_else(bad)?;
+        let offset = u64_at(ph.saturating_add(8)).ok_or_else(bad)?;
+        let filesz = u64_at(ph.saturating_add(32)).ok_or_else(bad)?;
         if offset.saturating_add(filesz) > elf.len() as u64 {
-            return Err(format(path, "segment beyond the file"));
+            return Err("segment beyond the file".into());
         }
         chunks.extend(pieces(offset, filesz));
     }
-    Ok(Extents {
-        path: path.into(),
-        chunks,
-    })
+    Ok(chunks)
 }
 
 /// A derived file's name in `work_dir`: the source's name, size and
@@ -238,28 +247,7 @@ pub fn vmlinux(bzimage: &Path, work_dir: &Path) -> Result<PathBuf, RamImageError
         return Ok(out);
     }
     let bz = fs::read(bzimage).map_err(io(bzimage))?;
-    // Boot protocol ≥ 2.08: setup_sects at 0x1f1, "HdrS" at 0x202,
-    // payload_offset/length at 0x248/0x24c, relative to the protected-mode
-    // code after (setup_sects + 1) sectors.
-    if bz.get(0x202..0x206) != Some(b"HdrS") {
-        return Err(format(bzimage, "not a bzImage"));
-    }
-    let u32_at = |o: usize| {
-        bz.get(o..o + 4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
-    };
-    let setup_sects = match bz.get(0x1f1) {
-        Some(0) => 4,
-        Some(&n) => n as usize,
-        None => return Err(format(bzimage, "truncated header")),
-    };
-    let (Some(poff), Some(plen)) = (u32_at(0x248), u32_at(0x24c)) else {
-        return Err(format(bzimage, "truncated header"));
-    };
-    let start = (setup_sects + 1) * 512 + poff;
-    let payload = bz
-        .get(start..start + plen)
-        .ok_or_else(|| format(bzimage, "payload beyond the file"))?;
+    let payload = bzimage_payload(&bz).map_err(|what| format(bzimage, what))?;
     // The kernel build appends the decompressed size (le32) to an xz
     // payload, which liblzma reads as a corrupt stream end: try without.
     let data = decompress(payload)
@@ -270,6 +258,31 @@ pub fn vmlinux(bzimage: &Path, work_dir: &Path) -> Result<PathBuf, RamImageError
         .map_err(|what| format(bzimage, what))?;
     write_atomic(&out, &data)?;
     Ok(out)
+}
+
+/// The compressed kernel inside a bzImage.
+pub fn bzimage_payload(bz: &[u8]) -> Result<&[u8], String> {
+    // Boot protocol ≥ 2.08: setup_sects at 0x1f1, "HdrS" at 0x202,
+    // payload_offset/length at 0x248/0x24c, relative to the protected-mode
+    // code after (setup_sects + 1) sectors.
+    if bz.get(0x202..0x206) != Some(b"HdrS") {
+        return Err("not a bzImage".into());
+    }
+    let u32_at = |o: usize| {
+        bz.get(o..o + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    };
+    let setup_sects = match bz.get(0x1f1) {
+        Some(0) => 4,
+        Some(&n) => n as usize,
+        None => return Err("truncated header".into()),
+    };
+    let (Some(poff), Some(plen)) = (u32_at(0x248), u32_at(0x24c)) else {
+        return Err("truncated header".into());
+    };
+    let start = (setup_sects + 1) * 512 + poff;
+    bz.get(start..start.saturating_add(plen))
+        .ok_or_else(|| "payload beyond the file".into())
 }
 
 /// The initramfs as an uncompressed archive: the file itself when it is
