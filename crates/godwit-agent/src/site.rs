@@ -266,3 +266,60 @@ impl Drop for ImageRecorder {
         self.write_manifest();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use godwit_migstream::{Encoder, EncoderConfig, QemuFormat};
+
+    fn page(b: u8) -> Bytes {
+        Bytes::from(vec![b; 4096])
+    }
+
+    #[test]
+    fn pages_recorded_at_departure_come_back_as_image_and_store_summaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let site = Site::open(dir.path(), 1 << 30).unwrap();
+        assert!(
+            site.summary_messages("vm1").is_empty(),
+            "an empty site says nothing"
+        );
+        {
+            let mut rec = site.recorder("vm1").unwrap();
+            rec.record((1..=3).map(|b| (PageHash::of(&page(b)), page(b))).collect());
+        }
+        site.settle();
+        let msgs = site.summary_messages("vm1");
+        let mut enc = Encoder::new(QemuFormat::default(), EncoderConfig::default()).unwrap();
+        for m in &msgs {
+            enc.handle_message(m).unwrap();
+        }
+        assert!(enc.has_summary(SummaryKind::Image));
+        assert!(enc.has_summary(SummaryKind::Store));
+        assert!(!enc.has_summary(SummaryKind::Disk));
+        // Another VM's summaries hold the store but not vm1's image.
+        let other = site.summary_messages("vm2");
+        assert_eq!(other.len(), msgs.len() - 1);
+        // The decoder's view finds the pages, verified.
+        let mut pages = site.incoming();
+        assert_eq!(pages.get(&PageHash::of(&page(2))), Some(page(2)));
+        assert_eq!(pages.get(&PageHash::of(&page(9))), None);
+    }
+
+    #[test]
+    fn boot_media_become_disk_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let site = Site::open(&dir.path().join("store"), 1 << 30).unwrap();
+        // Not a bzImage: the file itself is still indexed page by page.
+        let kernel = dir.path().join("kernel");
+        let mut k = vec![5u8; 4096];
+        k.extend(vec![6u8; 100]);
+        std::fs::write(&kernel, &k).unwrap();
+        site.index_boot_media(Some(&kernel), None);
+        let mut tail = vec![6u8; 100];
+        tail.resize(4096, 0);
+        let mut pages = site.incoming();
+        assert_eq!(pages.get(&PageHash::of(&tail)), Some(Bytes::from(tail)));
+        assert_eq!(site.summary_messages("x").len(), 1, "a disk summary only");
+    }
+}

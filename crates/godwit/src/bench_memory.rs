@@ -314,6 +314,7 @@ fn figures(r: &MigrationReport) -> Value {
         "shares": r.codec.as_ref().map(|c| json!(c.shares)),
         "compression_ratio": r.codec.as_ref().map(|c| c.compression_ratio()),
         "misses": r.codec.as_ref().map(|c| c.misses),
+        "batches": r.codec.as_ref().map(|c| c.batches.iter().sum::<u64>()),
         "fallback": r.codec.as_ref().and_then(|c| c.fallback.clone()),
     })
 }
