@@ -36,10 +36,21 @@ fn run(data: &[u8], store: MemStore, warm: bool) -> Result<MemStore, Box<dyn std
     let mut wire = 0u64;
     let t0 = Instant::now();
     let mut enc_time = std::time::Duration::ZERO;
-    for chunk in data.chunks(32 << 10) {
+    // The relay reads QEMU in 256 KiB pieces and flushes when QEMU pauses;
+    // GODWIT_FLUSH_EVERY (bytes) models how often that happens.
+    let flush_every: usize = std::env::var("GODWIT_FLUSH_EVERY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1 << 20);
+    let mut since_flush = 0;
+    for chunk in data.chunks(256 << 10) {
         let t = Instant::now();
         enc.push(chunk)?;
-        enc.flush()?;
+        since_flush += chunk.len();
+        if since_flush >= flush_every {
+            enc.flush()?;
+            since_flush = 0;
+        }
         enc_time += t.elapsed();
         while let Some(m) = enc.poll_message() {
             wire += m.payload.len() as u64 + 8;
