@@ -99,6 +99,18 @@ pub struct VmHandle {
     /// The incoming migration that brought it here, if any.
     pub migration: Option<String>,
     state: Mutex<VmState>,
+    /// When QEMU last stopped and resumed the guest (QMP `STOP` and
+    /// `RESUME` timestamps, µs since the epoch by the host's clock).
+    run_events: Mutex<RunEvents>,
+}
+
+/// Times of the guest's last stop and resume, from QEMU's own events.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunEvents {
+    /// Last `STOP`, µs since the epoch.
+    pub stopped_at_us: Option<i64>,
+    /// Last `RESUME`, µs since the epoch.
+    pub resumed_at_us: Option<i64>,
 }
 
 impl VmHandle {
@@ -109,6 +121,36 @@ impl VmHandle {
 
     fn set_state(&self, s: VmState) {
         *self.state.lock().unwrap_or_else(|p| p.into_inner()) = s;
+    }
+
+    /// When QEMU last stopped and resumed the guest.
+    pub fn run_events(&self) -> RunEvents {
+        *self.run_events.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Follows QEMU's events for the stop and resume times.
+    fn watch_events(
+        self: &Arc<Self>,
+        mut events: tokio::sync::broadcast::Receiver<godwit_qmp::QmpEvent>,
+    ) {
+        let h = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let ev = match events.recv().await {
+                    Ok(ev) => ev,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(_) => return,
+                };
+                let Some(h) = h.upgrade() else { return };
+                let at = ev.timestamp.seconds * 1_000_000 + ev.timestamp.microseconds;
+                let mut r = h.run_events.lock().unwrap_or_else(|p| p.into_inner());
+                match ev.name.as_str() {
+                    "STOP" => r.stopped_at_us = Some(at),
+                    "RESUME" => r.resumed_at_us = Some(at),
+                    _ => {}
+                }
+            }
+        });
     }
 
     /// Runs a QMP command with the API timeout.
@@ -196,8 +238,8 @@ impl VmManager {
                 let _ = std::fs::remove_file(&path);
                 continue;
             }
-            let qmp = match QmpClient::connect(&rec.instance.qmp_socket).await {
-                Ok((qmp, _events)) => qmp,
+            let (qmp, events) = match QmpClient::connect(&rec.instance.qmp_socket).await {
+                Ok(c) => c,
                 Err(e) => {
                     warn!(vm = rec.spec.name, cause = %e, "cannot reconnect to QEMU; leaving it alone");
                     continue;
@@ -241,7 +283,14 @@ impl VmManager {
                 status,
                 "re-adopted VM"
             );
-            let h = self.insert(rec.spec, rec.instance, qmp, VmState::Running, rec.migration);
+            let h = self.insert(
+                rec.spec,
+                rec.instance,
+                qmp,
+                events,
+                VmState::Running,
+                rec.migration,
+            );
             if let Err(e) = self.persist(&h) {
                 warn!(vm = h.spec.name, cause = %e, "cannot persist VM record");
             }
@@ -254,6 +303,7 @@ impl VmManager {
         spec: VmSpec,
         instance: QemuInstance,
         qmp: QmpClient,
+        events: tokio::sync::broadcast::Receiver<godwit_qmp::QmpEvent>,
         state: VmState,
         migration: Option<String>,
     ) -> Arc<VmHandle> {
@@ -265,7 +315,9 @@ impl VmManager {
             guest,
             migration,
             state: Mutex::new(state),
+            run_events: Mutex::new(RunEvents::default()),
         });
+        h.watch_events(events);
         self.map().insert(h.spec.name.clone(), h.clone());
         self.supervise(h.clone());
         h
@@ -342,7 +394,7 @@ impl VmManager {
         if self.map().contains_key(&name) {
             return Err(VmError::Exists(name));
         }
-        let (instance, qmp, _events) =
+        let (instance, qmp, events) =
             godwit_qemu::launch(&spec, &self.host, mode)
                 .await
                 .map_err(|source| VmError::Qemu {
@@ -358,7 +410,7 @@ impl VmManager {
             LaunchMode::Fresh => VmState::Running,
             LaunchMode::Incoming => VmState::Incoming,
         };
-        let h = self.insert(spec, instance, qmp, state, migration);
+        let h = self.insert(spec, instance, qmp, events, state, migration);
         self.persist(&h)?;
         info!(vm = name, pid = h.instance.pid, ?mode, "QEMU launched");
         Ok(h)

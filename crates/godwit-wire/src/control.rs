@@ -189,6 +189,10 @@ pub enum ControlResponse {
         /// QEMU's non-vCPU threads), when it measured them.
         #[serde(default)]
         receiver_cpu_s: Option<f64>,
+        /// When the destination QEMU resumed the guest (its `RESUME`
+        /// event), µs since the epoch by the destination host's clock.
+        #[serde(default)]
+        resumed_at_us: Option<i64>,
     },
     /// The request failed.
     Error {

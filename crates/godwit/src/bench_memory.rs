@@ -299,7 +299,8 @@ fn figures(r: &MigrationReport) -> Value {
     json!({
         "mode": r.mode,
         "total_ms": r.total_ms,
-        "downtime_ms": r.downtime_ms,
+        "downtime_ms": r.guest_downtime_ms,
+        "qemu_downtime_ms": r.downtime_ms,
         "wire_bytes": r.wire_bytes,
         "stream_bytes": r.stream_bytes,
         "nonzero_mib": r.nonzero_bytes.map(|b| b as f64 / MIB),

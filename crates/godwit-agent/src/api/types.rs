@@ -177,8 +177,13 @@ pub struct MigrationReport {
     pub success: bool,
     /// Total time, ms (from the request to the VM running at the destination).
     pub total_ms: u64,
-    /// QEMU's measured downtime, ms.
+    /// QEMU's measured downtime, ms (source side: it ends when the
+    /// destination's SHUT arrives, one WAN trip after the guest resumed).
     pub downtime_ms: Option<u64>,
+    /// The guest's real pause, ms: the source QEMU's `STOP` to the
+    /// destination QEMU's `RESUME`, by the two hosts' clocks.
+    #[serde(default)]
+    pub guest_downtime_ms: Option<u64>,
     /// QEMU setup time, ms.
     pub setup_ms: Option<u64>,
     /// Time QEMU spent migrating (its `total-time`), ms.

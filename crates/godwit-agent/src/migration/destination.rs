@@ -517,6 +517,7 @@ pub fn commit(agent: &Agent, id: &str) -> ControlResponse {
                 .unwrap_or_else(|| job.cpu.seconds());
             ControlResponse::Committed {
                 receiver_cpu_s: Some(cpu),
+                resumed_at_us: job.vm.run_events().resumed_at_us,
             }
         }
         Some(job) => error(

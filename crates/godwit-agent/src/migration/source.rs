@@ -117,8 +117,13 @@ async fn run(
                 .call(&peer, commit, Duration::from_secs(5))
                 .await
             {
-                Ok(ControlResponse::Committed { receiver_cpu_s }) => {
+                Ok(ControlResponse::Committed {
+                    receiver_cpu_s,
+                    resumed_at_us,
+                }) => {
                     report.receiver_cpu_s = receiver_cpu_s;
+                    report.guest_downtime_ms =
+                        guest_downtime_ms(vm.run_events().stopped_at_us, resumed_at_us);
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -749,6 +754,7 @@ fn build_report(job: &MigrationJob, vm: &VmHandle, last: Option<&Value>) -> Migr
         success: false,
         total_ms: job.started.elapsed().as_millis() as u64,
         downtime_ms: last.and_then(|v| u64_field(v, &["downtime"])),
+        guest_downtime_ms: None,
         setup_ms: last.and_then(|v| u64_field(v, &["setup-time"])),
         qemu_total_ms: last.and_then(|v| u64_field(v, &["total-time"])),
         wire_bytes: wire,
@@ -787,6 +793,16 @@ fn build_report(job: &MigrationJob, vm: &VmHandle, last: Option<&Value>) -> Migr
             .filter(|n| *n > 0)
             .map(|n| wire as f64 * (1u64 << 30) as f64 / n as f64),
     }
+}
+
+/// The guest's real pause: from the source QEMU stopping it to the
+/// destination QEMU resuming it, by the two hosts' clocks (exact in the
+/// lab, where both are one host; NTP-accurate otherwise). QEMU's own
+/// `downtime` ends when the source hears SHUT back, one WAN trip later.
+fn guest_downtime_ms(stopped_at_us: Option<i64>, resumed_at_us: Option<i64>) -> Option<u64> {
+    let d = resumed_at_us? - stopped_at_us?;
+    // A negative or absurd difference means the clocks disagree: no figure.
+    (0..3_600_000_000).contains(&d).then_some((d / 1000) as u64)
 }
 
 /// Starts metering the sender's CPU just before QEMU starts migrating.

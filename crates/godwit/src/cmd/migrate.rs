@@ -107,7 +107,12 @@ pub fn summary(m: &MigrationInfo) -> String {
         s.push_str(&format!(
             "  total time      {}\n  downtime        {}\n  bytes on wire   {} ({} per GiB of RAM); QUIC/UDP {}\n  stream bytes    {}\n  guest RAM       {} MiB, {} passes, mode {}\n",
             output::ms(r.total_ms),
-            r.downtime_ms.map(output::ms).unwrap_or_else(|| "-".into()),
+            match (r.guest_downtime_ms, r.downtime_ms) {
+                (Some(g), Some(q)) => format!("{} (guest paused; QEMU counts {})", output::ms(g), output::ms(q)),
+                (Some(g), None) => output::ms(g),
+                (None, Some(q)) => format!("{} (QEMU)", output::ms(q)),
+                (None, None) => "-".into(),
+            },
             output::bytes(r.wire_bytes),
             output::bytes(r.wire_bytes_per_gib as u64),
             output::bytes(r.transport_bytes),
@@ -115,6 +120,31 @@ pub fn summary(m: &MigrationInfo) -> String {
             r.ram_mib,
             r.passes,
             r.mode
+        ));
+    }
+    if let Some(c) = m.report.as_ref().and_then(|r| r.codec.as_ref()) {
+        let sh = &c.shares;
+        let pct = |x: f64| format!("{:.1} %", x * 100.0);
+        s.push_str(&format!(
+            "  pages           zero {}, sent before {}, site store {}, earlier image {}, disk {}, delta {}, literal {}\n  compression     {:.2}x{}\n",
+            pct(sh.zero), pct(sh.intra), pct(sh.store), pct(sh.image), pct(sh.disk), pct(sh.delta), pct(sh.literal),
+            c.compression_ratio(),
+            c.fallback.as_ref().map(|f| format!("; fell back to raw {f}")).unwrap_or_default(),
+        ));
+    }
+    if let Some(r) = &m.report {
+        if let Some(n) = r.wire_bytes_per_nonzero_gib {
+            s.push_str(&format!(
+                "  per non-zero    {} on the wire per GiB of non-zero RAM\n",
+                output::bytes(n as u64)
+            ));
+        }
+        let cpu = |x: Option<f64>| x.map(|v| format!("{v:.2} s")).unwrap_or_else(|| "-".into());
+        s.push_str(&format!(
+            "  CPU             sender {} (agent {}), receiver {}\n",
+            cpu(r.sender_cpu_s),
+            cpu(r.sender_agent_cpu_s),
+            cpu(r.receiver_cpu_s)
         ));
     }
     if let Some(e) = &m.error {
