@@ -59,7 +59,8 @@ pub struct BenchCmd {
     /// Memory memdirty keeps dirty, MiB.
     #[arg(long, default_value_t = 64)]
     dirty_mib: u64,
-    /// Paths to compare (baseline).
+    /// Paths to compare (baseline: qemu-direct, godwit-relay; memory:
+    /// qemu-direct, godwit).
     #[arg(
         long,
         value_delimiter = ',',
@@ -116,7 +117,8 @@ pub async fn run(c: BenchCmd, out: Out) -> Result<()> {
                 ram_mib: c.memory.unwrap_or(512),
                 workloads: c.workloads.clone(),
                 sites: c.sites.clone(),
-                direct: !c.no_direct,
+                godwit: c.paths.iter().any(|p| p.starts_with("godwit")),
+                direct: !c.no_direct && c.paths.iter().any(|p| p == "qemu-direct"),
                 cap_s: c.cap_s,
             };
             crate::bench_memory::run(&suite, out).await?

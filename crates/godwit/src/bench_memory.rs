@@ -143,7 +143,9 @@ pub struct MemorySuite {
     /// Site states for the godwit path (cold always runs: warm and return
     /// follow it).
     pub sites: Vec<SiteState>,
-    /// Run the qemu-direct baseline too.
+    /// Run godwit's path.
+    pub godwit: bool,
+    /// Run the qemu-direct baseline.
     pub direct: bool,
     /// Cap per migration, s.
     pub cap_s: u64,
@@ -203,27 +205,30 @@ impl Cell<'_> {
             "memory: {label} at {} ms one-way, {} % loss",
             self.delay_ms, self.loss_pct
         ));
-        let boot1 = self.boot(&a, "m1", out).await?;
-        let cold = self.migrate(&a, &b, "m1", &boot1, false, "b").await?;
-        let nonzero = cold["nonzero_mib"].clone();
-        let cold_ok = cold["success"].as_bool() == Some(true);
-        rows.push(self.row("godwit", SiteState::Cold, cold));
-        if cold_ok && s.sites.contains(&SiteState::Warm) {
-            let boot2 = self.boot(&a, "m2", out).await?;
-            let r = self.migrate(&a, &b, "m2", &boot2, false, "b").await?;
-            rows.push(self.row("godwit", SiteState::Warm, r));
-            scenario::stop_everywhere(&["a", "b"], "m2").await;
+        let mut nonzero = Value::Null;
+        if s.godwit {
+            let boot1 = self.boot(&a, "m1", out).await?;
+            let cold = self.migrate(&a, &b, "m1", &boot1, false, "b").await?;
+            nonzero = cold["nonzero_mib"].clone();
+            let cold_ok = cold["success"].as_bool() == Some(true);
+            rows.push(self.row("godwit", SiteState::Cold, cold));
+            if cold_ok && s.sites.contains(&SiteState::Warm) {
+                let boot2 = self.boot(&a, "m2", out).await?;
+                let r = self.migrate(&a, &b, "m2", &boot2, false, "b").await?;
+                rows.push(self.row("godwit", SiteState::Warm, r));
+                scenario::stop_everywhere(&["a", "b"], "m2").await;
+            }
+            if cold_ok && s.sites.contains(&SiteState::Return) {
+                let r = self.migrate(&b, &a, "m1", &boot1, false, "a").await?;
+                rows.push(self.row("godwit", SiteState::Return, r));
+            }
+            scenario::stop_everywhere(&["a", "b"], "m1").await;
         }
-        if cold_ok && s.sites.contains(&SiteState::Return) {
-            let r = self.migrate(&b, &a, "m1", &boot1, false, "a").await?;
-            rows.push(self.row("godwit", SiteState::Return, r));
-        }
-        scenario::stop_everywhere(&["a", "b"], "m1").await;
         if s.direct {
             let boot = self.boot(&a, "d1", out).await?;
             let mut r = self.migrate(&a, &b, "d1", &boot, true, "b").await?;
             // QEMU's stream does not say which pages are non-zero; the
-            // same workload's godwit run does.
+            // same workload's godwit run does, when there is one.
             r["nonzero_mib"] = nonzero;
             rows.push(self.row("qemu-direct", SiteState::Cold, r));
         }
