@@ -27,6 +27,7 @@ pub mod hash;
 pub mod ops;
 pub mod parser;
 pub mod qemu;
+pub mod synth;
 pub mod varint;
 
 pub use decoder::{Decoder, DecoderStats, MemStore, PageStore};

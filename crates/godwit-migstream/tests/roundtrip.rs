@@ -3,104 +3,17 @@
 
 use bytes::{BufMut, Bytes};
 use godwit_migstream::bloom::Bloom;
+use godwit_migstream::synth::{random_page, StreamBuilder};
 use godwit_migstream::{
     Decoder, Encoder, EncoderConfig, MemStore, Message, PageHash, QemuFormat, StreamParser,
     SummaryKind,
 };
 use proptest::prelude::*;
 
-const PAGE: usize = 4096;
-
-/// A small QEMU 7.2-shaped stream: header, configuration, return-path
-/// commands, RAM START with its block list, PART sections of records,
-/// RAM END, a device section, EOF and a VMDESC.
-struct StreamBuilder {
-    out: Vec<u8>,
-}
-
-impl StreamBuilder {
-    fn new() -> Self {
-        let mut out = Vec::new();
-        out.put_u32(0x5145_564d);
-        out.put_u32(3);
-        out.put_u8(0x07);
-        out.put_u32(13);
-        out.put_slice(b"pc-i440fx-7.2");
-        // OPEN_RETURN_PATH, PING(1)
-        out.put_slice(&[0x08, 0, 1, 0, 0]);
-        out.put_slice(&[0x08, 0, 2, 0, 4, 0, 0, 0, 1]);
-        // START ram, id 2
-        out.put_u8(0x01);
-        out.put_u32(2);
-        out.put_u8(3);
-        out.put_slice(b"ram");
-        out.put_u32(0);
-        out.put_u32(4);
-        let blocks: [(&[u8], u64); 2] = [(b"pc.ram", 64 << 20), (b"pc.bios", 256 << 10)];
-        let total: u64 = blocks.iter().map(|b| b.1).sum();
-        out.put_u64(total | 0x004);
-        for (n, l) in blocks {
-            out.put_u8(n.len() as u8);
-            out.put_slice(n);
-            out.put_u64(l);
-        }
-        out.put_u64(0x010);
-        out.put_u8(0x7e);
-        out.put_u32(2);
-        StreamBuilder { out }
-    }
-
-    fn section(&mut self, end: bool, records: &[(u8, u64, bool, Vec<u8>)]) {
-        self.out.put_u8(if end { 0x03 } else { 0x02 });
-        self.out.put_u32(2);
-        for (block, page, named, body) in records {
-            let name: &[u8] = if *block == 0 { b"pc.ram" } else { b"pc.bios" };
-            let zero = body.len() == 1;
-            let mut w = (page * PAGE as u64) | if zero { 0x002 } else { 0x008 };
-            if !named {
-                w |= 0x020;
-            }
-            self.out.put_u64(w);
-            if *named {
-                self.out.put_u8(name.len() as u8);
-                self.out.put_slice(name);
-            }
-            self.out.put_slice(body);
-        }
-        self.out.put_u64(0x010);
-        self.out.put_u8(0x7e);
-        self.out.put_u32(2);
-    }
-
-    fn finish(mut self) -> Vec<u8> {
-        // A device section, EOF, VMDESC.
-        self.out.put_u8(0x04);
-        self.out.put_u32(3);
-        self.out.put_u8(5);
-        self.out.put_slice(b"timer");
-        self.out.put_u32(0);
-        self.out.put_u32(2);
-        self.out
-            .put_slice(&[1, 2, 3, 4, 5, 6, 7, 8, 0x7e, 0, 0, 0, 3]);
-        self.out.put_u8(0x00);
-        self.out.put_u8(0x06);
-        self.out.put_u32(2);
-        self.out.put_slice(b"{}");
-        self.out
-    }
-}
-
-/// An incompressible page (xorshift), so reductions are not compression.
+/// An incompressible page with one byte set, so reductions are not
+/// compression.
 fn page_with(seed: u32, tweak: u8) -> Vec<u8> {
-    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(seed + 1);
-    let mut p: Vec<u8> = (0..PAGE)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let mut p = random_page(u64::from(seed));
     p[100] = tweak;
     p
 }

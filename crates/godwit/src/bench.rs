@@ -11,6 +11,8 @@
 //!   loss (`crate::bench_transport`).
 //! - `memory`: WAN-accelerated migration per delay, loss, workload and
 //!   site state, against QEMU direct (`crate::bench_memory`).
+//! - `codec`: the wire cost of re-sent pages with small changes
+//!   (`crate::bench_codec`).
 
 use std::time::Duration;
 
@@ -37,6 +39,8 @@ pub enum Suite {
     Transport,
     /// Seed 000 with WAN acceleration: bytes, time, CPU per workload and site.
     Memory,
+    /// What a re-sent page with a small change costs (codec only).
+    Codec,
 }
 
 /// `godwit bench`.
@@ -93,7 +97,9 @@ const CAP_S: u64 = 600;
 
 /// Runs a suite.
 pub async fn run(c: BenchCmd, out: Out) -> Result<()> {
-    if godwit_lab::topology::load_state(&labenv::state_dir())?.is_some() {
+    if !matches!(c.suite, Suite::Codec)
+        && godwit_lab::topology::load_state(&labenv::state_dir())?.is_some()
+    {
         bail!("a lab is already up; benchmarks build their own (run `godwit lab down` first)");
     }
     let rows = match c.suite {
@@ -102,6 +108,7 @@ pub async fn run(c: BenchCmd, out: Out) -> Result<()> {
         Suite::Transport => {
             crate::bench_transport::run(c.delays.clone(), c.rate, &c.transport, out).await?
         }
+        Suite::Codec => crate::bench_codec::run()?,
         Suite::Memory => {
             let suite = crate::bench_memory::MemorySuite {
                 delays_ms: c

@@ -9,6 +9,7 @@
 //! 2 usage or internal error.
 
 mod bench;
+mod bench_codec;
 mod bench_memory;
 mod bench_transport;
 mod cmd;
