@@ -154,7 +154,9 @@ fn assert_runs_at(site: &str, vm: &str, boot_id: &str) {
     assert!(dirtied(&s2) > dirtied(&s1), "memdirty stopped: {s1} {s2}");
 }
 
-fn migrate_and_check(delay: &str) {
+/// Migrates vm1 a → b and checks it; with `and_back`, also b → a, where
+/// the site store must supply the VM's own earlier image.
+fn migrate_and_check(delay: &str, and_back: bool) {
     let _g = LAB.lock().unwrap_or_else(|p| p.into_inner());
     let _lab = Lab::up(delay, "100mbit");
     let boot = boot_with_memdirty("vm1", "256", 64, 500);
@@ -171,16 +173,36 @@ fn migrate_and_check(delay: &str) {
     assert_eq!(vm_names("b"), vec!["vm1".to_owned()]);
     assert_runs_at("b", "vm1", &boot);
     assert_memory_intact("b", "vm1");
+    // b holds the VM's boot media: pages equal to them came from there.
+    let pages = |r: &Value, k: &str| r["codec"][k].as_u64().unwrap_or(0);
+    assert!(pages(r, "disk_pages") > 1000, "no boot-media hits: {r}");
+    if !and_back {
+        return;
+    }
+    let lines = ok(&["--json", "--site", "b", "migrate", "vm1", "--to", "a"]);
+    let back = last_data(&lines, "summary");
+    assert_eq!(back["phase"], "completed", "{back}");
+    let rb = &back["report"];
+    eprintln!("return trip: {rb}");
+    // a recorded what vm1 sent when it left: most pages come back from
+    // there, and the return costs a fraction of the first trip.
+    assert!(pages(rb, "image_pages") > 10_000, "no earlier-image hits: {rb}");
+    assert!(
+        rb["wire_bytes"].as_u64().unwrap() * 2 < r["wire_bytes"].as_u64().unwrap(),
+        "return trip not cheaper: {rb} vs {r}"
+    );
+    assert_runs_at("a", "vm1", &boot);
+    assert_memory_intact("a", "vm1");
 }
 
 #[test]
 fn test_live_migration_relay_0ms() {
-    migrate_and_check("0ms");
+    migrate_and_check("0ms", true);
 }
 
 #[test]
 fn test_live_migration_relay_130ms() {
-    migrate_and_check("130ms");
+    migrate_and_check("130ms", false);
 }
 
 /// Waits until the migration at `site` has moved at least `bytes` of stream.
