@@ -96,124 +96,172 @@ pub struct Gauges {
     pub store: Option<godwit_sitestore::StoreStats>,
 }
 
+/// Writes one metric family: HELP and TYPE, then one sample per label
+/// set (`(label name, label value)` pairs after the agent label).
+fn family<V: std::fmt::Display>(
+    o: &mut String,
+    agent: &str,
+    name: &str,
+    kind: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (Vec<(&'static str, String)>, V)>,
+) {
+    let _ = writeln!(
+        o,
+        "# HELP godwit_{name} {help}\n# TYPE godwit_{name} {kind}"
+    );
+    for (labels, v) in samples {
+        let mut l = format!("agent=\"{agent}\"");
+        for (k, val) in labels {
+            let _ = write!(l, ",{k}=\"{val}\"");
+        }
+        let _ = writeln!(o, "godwit_{name}{{{l}}} {v}");
+    }
+}
+
 impl Metrics {
     /// Renders all metrics.
     pub fn render(&self, agent: &str, g: &Gauges) -> String {
         let mut o = String::new();
-        let mut counter = |name: &str, help: &str, v: u64| {
-            let _ = writeln!(o, "# HELP godwit_{name} {help}\n# TYPE godwit_{name} counter\ngodwit_{name}{{agent=\"{agent}\"}} {v}");
-        };
-        counter(
-            "migrations_started_total",
-            "Outgoing migrations started.",
-            self.migrations_started.get(),
-        );
-        counter(
-            "migrations_completed_total",
-            "Outgoing migrations completed.",
-            self.migrations_completed.get(),
-        );
-        counter(
-            "migrations_failed_total",
-            "Outgoing migrations failed or undecided.",
-            self.migrations_failed.get(),
-        );
-        counter(
-            "incoming_completed_total",
-            "Incoming migrations now running here.",
-            self.incoming_completed.get(),
-        );
-        counter(
-            "relay_tx_bytes_total",
-            "Migration stream bytes relayed out.",
-            self.relay_tx_bytes.get(),
-        );
-        counter(
-            "relay_rx_bytes_total",
-            "Migration stream bytes relayed in.",
-            self.relay_rx_bytes.get(),
-        );
-        counter(
-            "api_requests_total",
-            "Local API requests served.",
-            self.api_requests.get(),
-        );
-        counter(
-            "memory_wire_bytes_total",
-            "Wire bytes of outgoing memory streams, after the page-aware codec.",
-            self.memory_wire_bytes.get(),
-        );
-        counter(
-            "memory_nonzero_bytes_total",
-            "Non-zero guest RAM bytes of outgoing migrations.",
-            self.memory_nonzero_bytes.get(),
-        );
-        let _ = writeln!(o, "# HELP godwit_memory_pages_total Pages of outgoing migrations by how they travelled.\n# TYPE godwit_memory_pages_total counter");
-        for (kind, c) in PAGE_KINDS.iter().zip(&self.memory_pages) {
-            let _ = writeln!(
-                o,
-                "godwit_memory_pages_total{{agent=\"{agent}\",how=\"{kind}\"}} {}",
-                c.get()
-            );
+        let counters: [(&str, &str, &Counter); 9] = [
+            (
+                "migrations_started_total",
+                "Outgoing migrations started.",
+                &self.migrations_started,
+            ),
+            (
+                "migrations_completed_total",
+                "Outgoing migrations completed.",
+                &self.migrations_completed,
+            ),
+            (
+                "migrations_failed_total",
+                "Outgoing migrations failed or undecided.",
+                &self.migrations_failed,
+            ),
+            (
+                "incoming_completed_total",
+                "Incoming migrations now running here.",
+                &self.incoming_completed,
+            ),
+            (
+                "relay_tx_bytes_total",
+                "Migration stream bytes relayed out.",
+                &self.relay_tx_bytes,
+            ),
+            (
+                "relay_rx_bytes_total",
+                "Migration stream bytes relayed in.",
+                &self.relay_rx_bytes,
+            ),
+            (
+                "api_requests_total",
+                "Local API requests served.",
+                &self.api_requests,
+            ),
+            (
+                "memory_wire_bytes_total",
+                "Wire bytes of outgoing memory streams, after the page-aware codec.",
+                &self.memory_wire_bytes,
+            ),
+            (
+                "memory_nonzero_bytes_total",
+                "Non-zero guest RAM bytes of outgoing migrations.",
+                &self.memory_nonzero_bytes,
+            ),
+        ];
+        for (name, help, c) in counters {
+            family(&mut o, agent, name, "counter", help, [(vec![], c.get())]);
         }
-        let _ = writeln!(o, "# HELP godwit_sender_cpu_seconds_total CPU the source spent on outgoing migrations (agent and QEMU's migration thread).\n# TYPE godwit_sender_cpu_seconds_total counter\ngodwit_sender_cpu_seconds_total{{agent=\"{agent}\"}} {}", self.sender_cpu_us.get() as f64 / 1e6);
+        family(
+            &mut o,
+            agent,
+            "memory_pages_total",
+            "counter",
+            "Pages of outgoing migrations by how they travelled.",
+            PAGE_KINDS
+                .iter()
+                .zip(&self.memory_pages)
+                .map(|(k, c)| (vec![("how", k.to_string())], c.get())),
+        );
+        family(
+            &mut o,
+            agent,
+            "sender_cpu_seconds_total",
+            "counter",
+            "CPU the source spent on outgoing migrations (agent and QEMU's migration thread).",
+            [(vec![], self.sender_cpu_us.get() as f64 / 1e6)],
+        );
         if let Some(s) = &g.store {
-            let _ = writeln!(o, "# HELP godwit_store Site page store figures (pages, bytes, disk_chunks; hits, misses, corrupt and evicted_pages count since start).\n# TYPE godwit_store gauge");
-            for (k, v) in [
-                ("pages", s.pages),
-                ("bytes", s.bytes),
-                ("disk_chunks", s.disk_chunks),
-                ("hits", s.hits),
-                ("misses", s.misses),
-                ("corrupt", s.corrupt),
-                ("evicted_pages", s.evicted_pages),
-            ] {
-                let _ = writeln!(o, "godwit_store{{agent=\"{agent}\",figure=\"{k}\"}} {v}");
-            }
+            family(
+                &mut o,
+                agent,
+                "store",
+                "gauge",
+                "Site page store figures (pages, bytes, disk_chunks; hits, misses, corrupt and evicted_pages count since start).",
+                [
+                    ("pages", s.pages),
+                    ("bytes", s.bytes),
+                    ("disk_chunks", s.disk_chunks),
+                    ("hits", s.hits),
+                    ("misses", s.misses),
+                    ("corrupt", s.corrupt),
+                    ("evicted_pages", s.evicted_pages),
+                ]
+                .map(|(k, v)| (vec![("figure", k.to_string())], v)),
+            );
         }
-        let _ = writeln!(
-            o,
-            "# HELP godwit_vms VMs on this host by state.\n# TYPE godwit_vms gauge"
+        family(
+            &mut o,
+            agent,
+            "vms",
+            "gauge",
+            "VMs on this host by state.",
+            g.vms_by_state
+                .iter()
+                .map(|(st, n)| (vec![("state", st.clone())], *n)),
         );
-        for (state, n) in &g.vms_by_state {
-            let _ = writeln!(o, "godwit_vms{{agent=\"{agent}\",state=\"{state}\"}} {n}");
-        }
-        let _ = writeln!(o, "# HELP godwit_peer_up Whether a QUIC connection to the peer is up.\n# TYPE godwit_peer_up gauge");
-        for (p, up, ..) in &g.peers {
-            let _ = writeln!(
-                o,
-                "godwit_peer_up{{agent=\"{agent}\",peer=\"{p}\"}} {}",
-                u8::from(*up)
-            );
-        }
-        let _ = writeln!(o, "# HELP godwit_peer_rtt_seconds Smoothed RTT to the peer.\n# TYPE godwit_peer_rtt_seconds gauge");
-        for (p, _, rtt, ..) in &g.peers {
-            let _ = writeln!(
-                o,
-                "godwit_peer_rtt_seconds{{agent=\"{agent}\",peer=\"{p}\"}} {rtt}"
-            );
-        }
-        let _ = writeln!(o, "# HELP godwit_peer_tx_bytes Bytes sent on the peer connection.\n# TYPE godwit_peer_tx_bytes counter");
-        for (p, _, _, tx, ..) in &g.peers {
-            let _ = writeln!(
-                o,
-                "godwit_peer_tx_bytes{{agent=\"{agent}\",peer=\"{p}\"}} {tx}"
-            );
-        }
-        let _ = writeln!(o, "# HELP godwit_peer_rx_bytes Bytes received on the peer connection.\n# TYPE godwit_peer_rx_bytes counter");
-        for (p, _, _, _, rx, _) in &g.peers {
-            let _ = writeln!(
-                o,
-                "godwit_peer_rx_bytes{{agent=\"{agent}\",peer=\"{p}\"}} {rx}"
-            );
-        }
-        let _ = writeln!(o, "# HELP godwit_peer_lost_packets Packets lost on the peer connection.\n# TYPE godwit_peer_lost_packets counter");
-        for (p, _, _, _, _, lost) in &g.peers {
-            let _ = writeln!(
-                o,
-                "godwit_peer_lost_packets{{agent=\"{agent}\",peer=\"{p}\"}} {lost}"
-            );
-        }
+        let peer = |p: &String| vec![("peer", p.clone())];
+        family(
+            &mut o,
+            agent,
+            "peer_up",
+            "gauge",
+            "Whether a QUIC connection to the peer is up.",
+            g.peers.iter().map(|(p, up, ..)| (peer(p), u8::from(*up))),
+        );
+        family(
+            &mut o,
+            agent,
+            "peer_rtt_seconds",
+            "gauge",
+            "Smoothed RTT to the peer.",
+            g.peers.iter().map(|(p, _, rtt, ..)| (peer(p), *rtt)),
+        );
+        family(
+            &mut o,
+            agent,
+            "peer_tx_bytes",
+            "counter",
+            "Bytes sent on the peer connection.",
+            g.peers.iter().map(|(p, _, _, tx, ..)| (peer(p), *tx)),
+        );
+        family(
+            &mut o,
+            agent,
+            "peer_rx_bytes",
+            "counter",
+            "Bytes received on the peer connection.",
+            g.peers.iter().map(|(p, _, _, _, rx, _)| (peer(p), *rx)),
+        );
+        family(
+            &mut o,
+            agent,
+            "peer_lost_packets",
+            "counter",
+            "Packets lost on the peer connection.",
+            g.peers.iter().map(|(p, _, _, _, _, lost)| (peer(p), *lost)),
+        );
         o
     }
 }

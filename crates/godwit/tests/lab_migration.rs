@@ -186,7 +186,10 @@ fn migrate_and_check(delay: &str, and_back: bool) {
     eprintln!("return trip: {rb}");
     // a recorded what vm1 sent when it left: most pages come back from
     // there, and the return costs a fraction of the first trip.
-    assert!(pages(rb, "image_pages") > 10_000, "no earlier-image hits: {rb}");
+    assert!(
+        pages(rb, "image_pages") > 10_000,
+        "no earlier-image hits: {rb}"
+    );
     assert!(
         rb["wire_bytes"].as_u64().unwrap() * 2 < r["wire_bytes"].as_u64().unwrap(),
         "return trip not cheaper: {rb} vs {r}"
