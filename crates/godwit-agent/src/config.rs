@@ -124,6 +124,18 @@ impl Default for QemuSection {
     }
 }
 
+/// Lowest `[migration] stall_ratio`: below half the bandwidth a migration
+/// converges in a few passes, so calling it stalled would throttle guests
+/// that need no help.
+pub const STALL_RATIO_MIN: f64 = 0.5;
+/// Highest `[migration] stall_ratio`: beyond 1 the guest dirties faster
+/// than the stream drains, where QEMU's own trigger already fires.
+pub const STALL_RATIO_MAX: f64 = 1.0;
+/// Largest `[migration] device_state_allowance_ms`: the device state is a
+/// few hundred KiB; more than this is a typo that would pin QEMU's limit
+/// to its floor.
+pub const MAX_DEVICE_STATE_ALLOWANCE_MS: u64 = 10_000;
+
 /// `[migration]`: defaults for migrations started on this host.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -132,9 +144,22 @@ pub struct MigrationSection {
     pub downtime_limit_ms: u64,
     /// Give up after this many seconds (`timeout_strategy = cancel`).
     pub timeout_s: u64,
-    /// Let QEMU throttle the guest's vCPUs when the migration does not
-    /// converge.
+    /// Let the agent throttle the guest's vCPUs (through QEMU's
+    /// auto-converge) when the migration does not converge.
     pub auto_converge: bool,
+    /// Dirty rate over effective bandwidth at or above which a dirty-page
+    /// pass counts as not converging (two such passes engage throttling).
+    pub stall_ratio: f64,
+    /// Once throttling is engaged, QEMU steps the throttle up while the
+    /// guest dirties more than this share of the stream, percent
+    /// (QEMU's `throttle-trigger-threshold`).
+    pub throttle_trigger_pct: u8,
+    /// Throttle step, percent (QEMU's `cpu-throttle-increment`).
+    pub throttle_increment_pct: u8,
+    /// Time allowed for the device state to cross and load at the
+    /// destination, ms; subtracted from `downtime_limit_ms`, with the WAN
+    /// one-way delay, to get QEMU's own `downtime-limit`.
+    pub device_state_allowance_ms: u64,
     /// How long the destination waits for the stream once prepared.
     pub incoming_timeout_s: u64,
     /// After a failure in the final phase, how long the source keeps asking
@@ -164,6 +189,10 @@ impl Default for MigrationSection {
             downtime_limit_ms: 300,
             timeout_s: 600,
             auto_converge: true,
+            stall_ratio: 0.9,
+            throttle_trigger_pct: 50,
+            throttle_increment_pct: 10,
+            device_state_allowance_ms: 30,
             incoming_timeout_s: 60,
             decision_timeout_s: 120,
             codec: MemoryCodecSetting::Pages,
@@ -316,6 +345,27 @@ impl AgentConfig {
             return Err(ConfigError::Invalid(
                 "migration.downtime_limit_ms must be 1..=2000000".into(),
             ));
+        }
+        let m = &self.migration;
+        if !(STALL_RATIO_MIN..=STALL_RATIO_MAX).contains(&m.stall_ratio) {
+            return Err(ConfigError::Invalid(format!(
+                "migration.stall_ratio must be {STALL_RATIO_MIN}..={STALL_RATIO_MAX}"
+            )));
+        }
+        if !(1..=100).contains(&m.throttle_trigger_pct) {
+            return Err(ConfigError::Invalid(
+                "migration.throttle_trigger_pct must be 1..=100".into(),
+            ));
+        }
+        if !(1..=100).contains(&m.throttle_increment_pct) {
+            return Err(ConfigError::Invalid(
+                "migration.throttle_increment_pct must be 1..=100".into(),
+            ));
+        }
+        if m.device_state_allowance_ms > MAX_DEVICE_STATE_ALLOWANCE_MS {
+            return Err(ConfigError::Invalid(format!(
+                "migration.device_state_allowance_ms must be at most {MAX_DEVICE_STATE_ALLOWANCE_MS}"
+            )));
         }
         Ok(())
     }
@@ -474,6 +524,18 @@ mod tests {
         assert!(c.validate().is_err());
         let mut c = sample();
         c.peers[0].name = "a".into();
+        assert!(c.validate().is_err());
+        let mut c = sample();
+        c.migration.stall_ratio = 1.5;
+        assert!(c.validate().is_err());
+        let mut c = sample();
+        c.migration.throttle_trigger_pct = 0;
+        assert!(c.validate().is_err());
+        let mut c = sample();
+        c.migration.throttle_increment_pct = 101;
+        assert!(c.validate().is_err());
+        let mut c = sample();
+        c.migration.device_state_allowance_ms = 60_000;
         assert!(c.validate().is_err());
     }
 }

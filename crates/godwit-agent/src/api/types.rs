@@ -168,6 +168,28 @@ pub struct MigrationProgress {
     /// Relayed bytes not yet delivered to the destination QEMU.
     #[serde(default)]
     pub relay_outstanding_bytes: u64,
+    /// Effective bandwidth: QEMU stream bits the relay drains per second
+    /// (above the wire rate when the codec reduces), smoothed.
+    #[serde(default)]
+    pub effective_bps: f64,
+    /// Effective bandwidth over the wire rate.
+    #[serde(default)]
+    pub reduction_ratio: Option<f64>,
+    /// Predicted total time of the migration (from its start), ms; null
+    /// while unknown or when it is not predicted to converge.
+    #[serde(default)]
+    pub predicted_total_ms: Option<u64>,
+    /// Predicted guest pause at switch-over (WAN delay and device state
+    /// included), ms.
+    #[serde(default)]
+    pub predicted_downtime_ms: Option<u64>,
+    /// Whether the migration is predicted to converge within its timeout;
+    /// null until the dirty rate was measured over a full pass.
+    #[serde(default)]
+    pub converging: Option<bool>,
+    /// The convergence controller's latest action, in words.
+    #[serde(default)]
+    pub convergence_action: Option<String>,
 }
 
 /// Final figures of a migration.
@@ -224,6 +246,41 @@ pub struct MigrationReport {
     /// Wire bytes per GiB of non-zero guest RAM.
     #[serde(default)]
     pub wire_bytes_per_nonzero_gib: Option<f64>,
+    /// What the convergence controller saw and did (relay path only).
+    #[serde(default)]
+    pub convergence: Option<ConvergenceReport>,
+}
+
+/// What the convergence controller saw and did in one migration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ConvergenceReport {
+    /// The operator's downtime target (guest pause, WAN included), ms.
+    pub downtime_target_ms: u64,
+    /// The `downtime-limit` QEMU had last, ms.
+    pub qemu_downtime_limit_ms: Option<u64>,
+    /// Actions and notices, in order.
+    pub events: Vec<ConvergenceEvent>,
+    /// Highest vCPU throttle QEMU applied, percent.
+    pub max_throttle_pct: u64,
+    /// When throttling began, ms since the migration started.
+    pub throttle_started_ms: Option<u64>,
+    /// Last smoothed effective bandwidth, bits/s.
+    pub effective_bps: f64,
+    /// Last effective bandwidth over wire rate.
+    pub reduction_ratio: Option<f64>,
+    /// The last predicted guest pause before switch-over, ms.
+    pub predicted_downtime_ms: Option<u64>,
+}
+
+/// One action or notice of the convergence controller.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ConvergenceEvent {
+    /// Ms since the migration started.
+    pub at_ms: u64,
+    /// `downtime-limit`, `throttle`, `qemu-throttle` or `stalled`.
+    pub kind: String,
+    /// What and why, with the figures.
+    pub text: String,
 }
 
 /// What the page-aware memory codec did in one migration (source side).

@@ -38,6 +38,7 @@
 //! have the device state, so the source cancels and the destination
 //! discards its QEMU.
 
+pub mod converge;
 pub mod destination;
 pub mod source;
 

@@ -27,10 +27,11 @@ use godwit_wire::{
 };
 use serde_json::{json, Value};
 use tokio::net::{UnixListener, UnixStream};
-use tracing::{error, info, warn, Instrument};
+use tracing::{debug, error, info, warn, Instrument};
 
+use super::converge::{Action, Converge, ConvergeConfig, QemuParams, QemuPhase, Sample};
 use super::{new_id, MigrationError, MigrationJob};
-use crate::api::types::MemoryCodecReport;
+use crate::api::types::{ConvergenceReport, MemoryCodecReport};
 use crate::api::types::{
     MigrationPhase, MigrationProgress, MigrationReport, StartMigration, VmState,
 };
@@ -52,6 +53,10 @@ const ACCEPT_TIMEOUT: Duration = Duration::from_secs(15);
 /// QEMU's `max-bandwidth`, bytes/s: effectively unlimited, because the
 /// relay's flow window is what paces QEMU (see `godwit_wire::window`).
 const MAX_BANDWIDTH: u64 = 100_000_000_000;
+/// Time allowed for one `migrate-set-parameters` of the convergence
+/// controller; QEMU answers slowly while its migration thread holds the
+/// big lock, and a late action is better skipped than waited for.
+const ACTION_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Validates the request and starts the migration in the background.
 pub async fn start(
@@ -101,9 +106,11 @@ async fn run(
     peer: PeerEntry,
     req: StartMigration,
 ) {
-    let ending = drive(&agent, &job, &vm, &peer, &req).await;
+    let mut convergence = None;
+    let ending = drive(&agent, &job, &vm, &peer, &req, &mut convergence).await;
     let last = last_stats(&vm).await;
     let mut report = build_report(&job, &vm, last.as_ref());
+    report.convergence = convergence;
     agent.metrics.record_migration(&report);
     match ending {
         Ending::Completed => {
@@ -162,6 +169,7 @@ async fn drive(
     vm: &Arc<VmHandle>,
     peer: &PeerEntry,
     req: &StartMigration,
+    convergence: &mut Option<ConvergenceReport>,
 ) -> Ending {
     // 1. The destination launches QEMU waiting for the stream.
     let spec = match serde_json::to_value(&vm.spec) {
@@ -189,8 +197,8 @@ async fn drive(
         return Ending::Failed(reason);
     }
     let result = match (req.direct, direct_uri) {
-        (false, _) => transfer(agent, job, vm, peer, req).await,
-        (true, Some(uri)) => transfer_direct(agent, job, vm, peer, req, &uri).await,
+        (false, _) => transfer(agent, job, vm, peer, req, convergence).await,
+        (true, Some(uri)) => transfer_direct(agent, job, vm, peer, req, &uri, convergence).await,
         (true, None) => Err(MigrationError::Refused {
             peer: peer.name.clone(),
             message: "the destination did not offer a direct address".into(),
@@ -206,11 +214,30 @@ async fn drive(
     }
 }
 
-/// Sets QEMU's migration capabilities and parameters for this migration.
+/// The convergence controller's settings for this migration. `act` is off
+/// for the `--direct` baseline, which keeps QEMU's stock behaviour.
+fn converge_config(agent: &Agent, req: &StartMigration, act: bool) -> ConvergeConfig {
+    let m = &agent.cfg.migration;
+    ConvergeConfig {
+        downtime_target: Duration::from_millis(
+            req.downtime_limit_ms.unwrap_or(m.downtime_limit_ms),
+        ),
+        timeout: Duration::from_secs(req.timeout_s.unwrap_or(m.timeout_s)),
+        may_throttle: m.auto_converge,
+        act,
+        stall_ratio: m.stall_ratio,
+        throttle_trigger_pct: m.throttle_trigger_pct,
+        throttle_increment_pct: m.throttle_increment_pct,
+        device_allowance: Duration::from_millis(m.device_state_allowance_ms),
+    }
+}
+
+/// Sets QEMU's migration capabilities and parameters for this migration;
+/// `params` come from the convergence controller.
 async fn configure_qemu(
     agent: &Agent,
     vm: &VmHandle,
-    req: &StartMigration,
+    params: &QemuParams,
 ) -> Result<(), MigrationError> {
     let caps: Vec<Value> = [
         ("events", true),
@@ -225,15 +252,87 @@ async fn configure_qemu(
     .collect();
     vm.qmp("migrate-set-capabilities", json!({ "capabilities": caps }))
         .await?;
-    let downtime = req
-        .downtime_limit_ms
-        .unwrap_or(agent.cfg.migration.downtime_limit_ms);
-    vm.qmp(
-        "migrate-set-parameters",
-        json!({"max-bandwidth": MAX_BANDWIDTH, "downtime-limit": downtime}),
-    )
-    .await?;
+    let mut args = serde_json::Map::new();
+    args.insert("max-bandwidth".into(), json!(MAX_BANDWIDTH));
+    for (k, v) in params.pairs() {
+        args.insert(k.into(), json!(v));
+    }
+    vm.qmp("migrate-set-parameters", Value::Object(args))
+        .await?;
     Ok(())
+}
+
+/// Applies one action of the convergence controller. A failure is logged
+/// and otherwise ignored: convergence control helps a migration, it must
+/// never be the reason one fails.
+async fn apply_action(vm: &VmHandle, a: &Action) {
+    let pairs = a.params.pairs();
+    if pairs.is_empty() {
+        warn!(kind = a.kind.name(), "{}", a.reason);
+        return;
+    }
+    let args: serde_json::Map<String, Value> = pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), json!(v)))
+        .collect();
+    match tokio::time::timeout(
+        ACTION_TIMEOUT,
+        vm.qmp("migrate-set-parameters", Value::Object(args)),
+    )
+    .await
+    {
+        Ok(Ok(_)) => match a.kind {
+            super::converge::ActionKind::DowntimeLimit => {
+                debug!(kind = a.kind.name(), "{}", a.reason)
+            }
+            _ => info!(kind = a.kind.name(), "{}", a.reason),
+        },
+        Ok(Err(e)) => {
+            warn!(kind = a.kind.name(), cause = %e, reason = a.reason, "QEMU refused a convergence action")
+        }
+        Err(_) => {
+            warn!(
+                kind = a.kind.name(),
+                reason = a.reason,
+                "QEMU did not answer a convergence action in time"
+            )
+        }
+    }
+}
+
+/// One controller sample from `query-migrate` and the relay's counters.
+fn sample_from(job: &MigrationJob, v: &Value, rtt: Duration) -> Sample {
+    let page = u64_field(v, &["ram", "page-size"]).unwrap_or(4096);
+    Sample {
+        elapsed: job.started.elapsed(),
+        phase: QemuPhase::from_status(&str_field(v, "status").unwrap_or_default()),
+        remaining_bytes: u64_field(v, &["ram", "remaining"]).unwrap_or(0),
+        dirty_bytes_per_s: u64_field(v, &["ram", "dirty-pages-rate"]).unwrap_or(0) as f64
+            * page as f64,
+        passes: u64_field(v, &["ram", "dirty-sync-count"]).unwrap_or(0),
+        throttle_pct: u64_field(v, &["cpu-throttle-percentage"]).unwrap_or(0),
+        qemu_bytes_per_s: v
+            .pointer("/ram/mbps")
+            .and_then(Value::as_f64)
+            .unwrap_or(0.0)
+            * 1e6
+            / 8.0,
+        stream_bytes: job.relay.stream_bytes.load(Ordering::Relaxed),
+        wire_bytes: job.relay.wire_bytes(),
+        outstanding_wire_bytes: job.relay.outstanding.load(Ordering::Relaxed),
+        rtt,
+    }
+}
+
+/// Puts the controller's estimates and predictions into the progress.
+fn add_predictions(p: &mut MigrationProgress, c: &Converge) {
+    let e = c.estimates();
+    p.effective_bps = e.effective_bytes_per_s.unwrap_or(0.0) * 8.0;
+    p.reduction_ratio = e.reduction_ratio;
+    p.predicted_total_ms = e.predicted_total.map(|d| d.as_millis() as u64);
+    p.predicted_downtime_ms = e.predicted_downtime.map(|d| d.as_millis() as u64);
+    p.converging = e.converging;
+    p.convergence_action = c.last_action().map(str::to_owned);
 }
 
 /// The stream format of the VM's QEMU (its version); the baseline format
@@ -262,11 +361,17 @@ async fn transfer_direct(
     peer: &PeerEntry,
     req: &StartMigration,
     uri: &str,
+    convergence: &mut Option<ConvergenceReport>,
 ) -> Result<Ending, MigrationError> {
     // The destination names its port; its address is the one we reach it at.
     let port = uri.rsplit(':').next().unwrap_or_default();
     let uri = format!("tcp:{}:{port}", peer.addr.ip());
-    configure_qemu(agent, vm, req).await?;
+    // The baseline keeps QEMU's stock convergence: the controller only
+    // predicts. The control connection (already up) gives the link's RTT.
+    let link = agent.peers.connection(peer).await.ok();
+    let rtt = || link.as_ref().map(|c| c.rtt()).unwrap_or_default();
+    let mut conv = Converge::new(converge_config(agent, req, false));
+    configure_qemu(agent, vm, &conv.initial_parameters(rtt())).await?;
     start_cpu_meter(job, vm, false);
     vm.qmp("migrate", json!({ "uri": uri })).await?;
     job.set_phase(MigrationPhase::Transferring);
@@ -290,6 +395,9 @@ async fn transfer_direct(
         job.relay
             .wire_tx
             .store(p.transferred_bytes, Ordering::Relaxed);
+        conv.observe(sample_from(job, &stats, rtt()));
+        *convergence = Some(conv.report());
+        add_predictions(&mut p, &conv);
         job.set_progress(p);
         match status.as_str() {
             "completed" => return Ok(Ending::Completed),
@@ -343,6 +451,7 @@ async fn transfer(
     vm: &Arc<VmHandle>,
     peer: &PeerEntry,
     req: &StartMigration,
+    convergence: &mut Option<ConvergenceReport>,
 ) -> Result<Ending, MigrationError> {
     // 2. The memory stream, accepted by the destination before QEMU starts.
     let conn = agent.peers.connection(peer).await?;
@@ -436,7 +545,14 @@ async fn transfer(
         what: format!("binding the relay socket {}", path.display()),
         source,
     })?;
-    configure_qemu(agent, vm, req).await?;
+    let mut conv = Converge::new(converge_config(agent, req, true));
+    let initial = conv.initial_parameters(conn.rtt());
+    info!(
+        rtt_ms = conn.rtt().as_millis() as u64,
+        qemu_downtime_limit_ms = initial.downtime_limit_ms,
+        "QEMU's downtime limit set for the WAN delay"
+    );
+    configure_qemu(agent, vm, &initial).await?;
     start_cpu_meter(job, vm, true);
     vm.qmp(
         "migrate",
@@ -469,6 +585,7 @@ async fn transfer(
     let cancel_rx = job.cancel.subscribe();
     let before = conn.stats();
     let rtt_conn = conn.clone();
+    let sample_conn = conn.clone();
     let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
     let mut timed_out = false;
     // The relay runs in a task of its own. Sampling progress over QMP can
@@ -508,7 +625,25 @@ async fn transfer(
                     if status != "active" && status != "setup" && job.phase() == MigrationPhase::Transferring {
                         job.set_phase(MigrationPhase::Switchover);
                     }
-                    job.set_progress(progress_from(job, &stats));
+                    let sample = sample_from(job, &stats, sample_conn.rtt());
+                    let qemu_mbit = sample.qemu_bytes_per_s * 8e-6;
+                    for a in conv.observe(sample) {
+                        apply_action(vm, &a).await;
+                    }
+                    let e = conv.estimates();
+                    debug!(
+                        effective_mbit = e.effective_bytes_per_s.unwrap_or(0.0) * 8e-6,
+                        wire_mbit = e.wire_bytes_per_s.unwrap_or(0.0) * 8e-6,
+                        qemu_mbit,
+                        dirty_mbit = e.dirty_bytes_per_s * 8e-6,
+                        predicted_total_ms = e.predicted_total.map(|d| d.as_millis() as u64),
+                        predicted_downtime_ms = e.predicted_downtime.map(|d| d.as_millis() as u64),
+                        converging = e.converging,
+                        "convergence estimates"
+                    );
+                    let mut p = progress_from(job, &stats);
+                    add_predictions(&mut p, &conv);
+                    job.set_progress(p);
                 }
                 if !timed_out && Instant::now() > deadline {
                     timed_out = true;
@@ -518,6 +653,7 @@ async fn transfer(
         }
     };
     sample_cpu(job);
+    *convergence = Some(conv.report());
     if let Outbound::Pages(enc, _) = &outbound {
         let report = MemoryCodecReport::from_encoder(enc.stats(), enc.fallback());
         if let Ok(mut c) = job.relay.codec.lock() {
@@ -740,6 +876,8 @@ fn progress_from(job: &MigrationJob, v: &Value) -> MigrationProgress {
         cpu_throttle_pct: u64_field(v, &["cpu-throttle-percentage"]),
         relay_window_bytes: job.relay.window.load(Ordering::Relaxed),
         relay_outstanding_bytes: job.relay.outstanding.load(Ordering::Relaxed),
+        // Filled in by `add_predictions`.
+        ..MigrationProgress::default()
     }
 }
 
@@ -792,6 +930,8 @@ fn build_report(job: &MigrationJob, vm: &VmHandle, last: Option<&Value>) -> Migr
         wire_bytes_per_nonzero_gib: nonzero_bytes
             .filter(|n| *n > 0)
             .map(|n| wire as f64 * (1u64 << 30) as f64 / n as f64),
+        // Set by `run` from the controller.
+        convergence: None,
     }
 }
 

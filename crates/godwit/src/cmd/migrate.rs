@@ -4,7 +4,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use clap::Args;
-use godwit_agent::api::types::{MigrationInfo, MigrationPhase, StartMigration};
+use godwit_agent::api::types::{
+    ConvergenceReport, MigrationInfo, MigrationPhase, MigrationProgress, StartMigration,
+};
 use godwit_agent::client::ApiClient;
 
 use crate::output::{self, Out};
@@ -59,6 +61,7 @@ pub async fn follow(client: &ApiClient, id: &str, out: Out) -> Result<MigrationI
     let pb = out.progress_bar(1000);
     let t0 = Instant::now();
     let mut last_json = Instant::now();
+    let mut last_note: Option<String> = None;
     loop {
         let m: MigrationInfo = client.get(&format!("/v1/migrations/{id}")).await?;
         if m.phase.is_terminal() {
@@ -77,20 +80,61 @@ pub async fn follow(client: &ApiClient, id: &str, out: Out) -> Result<MigrationI
                 pb.set_position(permille);
             }
             pb.set_prefix(format!("{:?}", m.phase).to_lowercase());
-            pb.set_message(format!(
-                "sent {}  {}  dirty {}  left {}  downtime~{}  ETA {}",
-                output::bytes(p.transferred_bytes),
-                output::rate(p.rate_bps),
-                output::rate(p.dirty_rate_bps),
-                output::bytes(p.remaining_bytes),
-                p.expected_downtime_ms
-                    .map(output::ms)
-                    .unwrap_or_else(|| "-".into()),
-                p.eta_ms.map(output::ms).unwrap_or_else(|| "-".into()),
-            ));
+            pb.set_message(progress_line(p));
+            // A throttle changes the guest's life: say it above the bar
+            // once, in full (a hidden bar prints nothing).
+            if p.convergence_action.is_some() && p.convergence_action != last_note {
+                last_note = p.convergence_action.clone();
+                if let Some(n) = &last_note {
+                    pb.println(format!("godwit: {n}"));
+                }
+            }
         }
         tokio::time::sleep(POLL).await;
     }
+}
+
+/// The progress bar's text. The agent's predictions (WAN delay and
+/// reduction included) replace QEMU's raw `expected-downtime` and the
+/// naive ETA when the agent has them; `~` marks QEMU's own figures.
+fn progress_line(p: &MigrationProgress) -> String {
+    // The effective rate is what QEMU's stream drains at; with the codec
+    // reducing, it is above the rate on the wire.
+    let rate = if p.effective_bps > 0.0 {
+        p.effective_bps
+    } else {
+        p.rate_bps
+    };
+    let downtime = match (p.predicted_downtime_ms, p.expected_downtime_ms) {
+        (Some(d), _) => output::ms(d),
+        (None, Some(d)) => format!("~{}", output::ms(d)),
+        (None, None) => "-".into(),
+    };
+    let eta = match (p.predicted_total_ms, p.eta_ms) {
+        (Some(t), _) => output::ms(t.saturating_sub(p.elapsed_ms)),
+        // Our model says it will not converge as things stand.
+        (None, _) if p.converging == Some(false) => "never".into(),
+        (None, Some(e)) => format!("~{}", output::ms(e)),
+        (None, None) => "-".into(),
+    };
+    let mut s = format!(
+        "sent {}  {}  dirty {}  left {}  downtime {}  ETA {}",
+        output::bytes(p.transferred_bytes),
+        output::rate(rate),
+        output::rate(p.dirty_rate_bps),
+        output::bytes(p.remaining_bytes),
+        downtime,
+        eta,
+    );
+    if let Some(r) = p.reduction_ratio.filter(|r| *r > 1.05) {
+        s.push_str(&format!("  x{r:.1}"));
+    }
+    match p.cpu_throttle_pct.filter(|t| *t > 0) {
+        Some(t) => s.push_str(&format!("  THROTTLED {t}%")),
+        None if p.convergence_action.is_some() => s.push_str("  throttling"),
+        None => {}
+    }
+    s
 }
 
 /// Human rendering of a finished migration.
@@ -147,10 +191,53 @@ pub fn summary(m: &MigrationInfo) -> String {
             cpu(r.receiver_cpu_s)
         ));
     }
+    if let Some(c) = m.report.as_ref().and_then(|r| r.convergence.as_ref()) {
+        s.push_str(&convergence_summary(c));
+    }
     if let Some(e) = &m.error {
         s.push_str(&format!("  error           {e}\n"));
     }
     s.trim_end().to_owned()
+}
+
+/// The report's convergence lines: QEMU's limit, the predicted pause,
+/// the throttle, and every action but routine limit changes.
+fn convergence_summary(c: &ConvergenceReport) -> String {
+    let mut s = format!(
+        "  convergence     target {}, QEMU limit {}, predicted pause {}",
+        output::ms(c.downtime_target_ms),
+        c.qemu_downtime_limit_ms
+            .map(output::ms)
+            .unwrap_or_else(|| "-".into()),
+        c.predicted_downtime_ms
+            .map(output::ms)
+            .unwrap_or_else(|| "-".into()),
+    );
+    if c.effective_bps > 0.0 {
+        s.push_str(&format!(", effective {}", output::rate(c.effective_bps)));
+    }
+    if let Some(r) = c.reduction_ratio {
+        s.push_str(&format!(" (x{r:.1} the wire)"));
+    }
+    s.push('\n');
+    if c.max_throttle_pct > 0 {
+        s.push_str(&format!(
+            "  throttle        up to {} % from {}\n",
+            c.max_throttle_pct,
+            c.throttle_started_ms
+                .map(output::ms)
+                .unwrap_or_else(|| "-".into())
+        ));
+    }
+    for e in c.events.iter().filter(|e| e.kind != "downtime-limit") {
+        s.push_str(&format!(
+            "  {:<15} at {}: {}\n",
+            e.kind,
+            output::ms(e.at_ms),
+            e.text
+        ));
+    }
+    s
 }
 
 /// Runs `godwit migrate`.
