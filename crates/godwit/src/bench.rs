@@ -97,6 +97,11 @@ const CAP_S: u64 = 600;
 
 /// Runs a suite.
 pub async fn run(c: BenchCmd, out: Out) -> Result<()> {
+    let _lab_lock = if matches!(c.suite, Suite::Codec) {
+        None
+    } else {
+        Some(labenv::exclusive(out)?)
+    };
     if !matches!(c.suite, Suite::Codec)
         && godwit_lab::topology::load_state(&labenv::state_dir())?.is_some()
     {

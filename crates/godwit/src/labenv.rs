@@ -164,3 +164,29 @@ pub fn down() -> Result<()> {
     }
     Ok(())
 }
+
+/// Lock file shared by everything that brings the lab up on this machine
+/// (benchmarks, the integration tests).
+pub const LAB_LOCK: &str = "/run/godwit/lab.lock";
+
+/// Takes the machine's lab lock, waiting for another benchmark or test run
+/// to finish with the lab; held until the returned file is dropped.
+pub fn exclusive(out: crate::output::Out) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    std::fs::create_dir_all("/run/godwit").context("creating /run/godwit")?;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(LAB_LOCK)
+        .with_context(|| format!("opening {LAB_LOCK}"))?;
+    // SAFETY: flock on a file descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        out.note(format!("waiting for the lab ({LAB_LOCK} is held)"));
+        // SAFETY: as above.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("locking the lab");
+        }
+    }
+    Ok(f)
+}

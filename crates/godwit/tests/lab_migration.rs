@@ -54,17 +54,33 @@ fn last_data(lines: &[Value], kind: &str) -> Value {
         .unwrap_or_else(|| panic!("no {kind:?} line in {lines:?}"))
 }
 
-/// A lab that is torn down when the test ends, pass or fail.
-struct Lab;
+/// A lab that is torn down when the test ends, pass or fail. The lab is a
+/// machine-wide singleton: the test holds an exclusive lock on
+/// [`LAB_LOCK`] while it owns it, so another process's lab (a benchmark,
+/// another test run) is waited for instead of torn down.
+struct Lab(#[allow(dead_code)] std::fs::File);
+
+/// Lock file shared by everything that brings the lab up on this machine.
+const LAB_LOCK: &str = "/run/godwit/lab.lock";
 
 impl Lab {
     fn up(delay: &str, rate: &str) -> Lab {
+        std::fs::create_dir_all("/run/godwit").expect("creating /run/godwit");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(LAB_LOCK)
+            .expect("opening the lab lock");
+        // SAFETY: flock on a file descriptor we own.
+        let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) };
+        assert_eq!(rc, 0, "locking {LAB_LOCK}");
         let _ = godwit(&["lab", "down"]);
         ok(&["--json", "image", "build"]);
         ok(&[
             "--json", "lab", "up", "--sites", "2", "--delay", delay, "--rate", rate,
         ]);
-        Lab
+        Lab(f)
     }
 }
 
