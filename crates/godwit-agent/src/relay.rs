@@ -107,9 +107,6 @@ pub struct RelayStats {
     /// What the page-aware codec did (source only; set when the relay
     /// ends).
     pub codec: std::sync::Mutex<Option<crate::api::types::MemoryCodecReport>>,
-    /// Set by the source when a switch-over may come soon: the flow window
-    /// then keeps no backlog (`godwit_wire::RelayWindow::set_draining`).
-    pub drain: std::sync::atomic::AtomicBool,
 }
 
 impl RelayStats {
@@ -330,7 +327,6 @@ where
         if end_sent && peer_done {
             break Ok(());
         }
-        window.set_draining(stats.drain.load(Ordering::Relaxed));
         stats.window.store(window.window(), Ordering::Relaxed);
         stats
             .outstanding

@@ -18,13 +18,6 @@
 //! the path is faster than the current window allows (as in BBR's
 //! startup); once the path is full, the excess backlog is bounded by
 //! `(GAIN - 1) × BDP`. Time is passed in; nothing here reads a clock.
-//!
-//! That backlog is what the guest waits for if QEMU stops it then: at
-//! 300 ms one-way it is a quarter of a second. So when the migration nears
-//! a possible switch-over the source sets the window *draining*
-//! ([`RelayWindow::set_draining`]): the gain drops to [`DRAIN_GAIN`], the
-//! backlog empties within a round trip, and the final pages and device
-//! state find the path clear.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -41,9 +34,6 @@ pub const MIN_WINDOW: u64 = 256 << 10;
 pub const MAX_WINDOW: u64 = 256 << 20;
 /// Growth factor over the measured bandwidth-delay product.
 pub const GAIN: f64 = 1.5;
-/// Gain while draining: the path's bandwidth-delay product plus a sliver
-/// for rate-estimate error, so the pipe stays full but nothing queues.
-pub const DRAIN_GAIN: f64 = 1.05;
 /// Extra time allowed for acknowledgement batching at the receiver.
 pub const ACK_ALLOWANCE: Duration = Duration::from_millis(10);
 /// Shortest span a delivery-rate sample covers. Each sample spans at least
@@ -80,7 +70,6 @@ pub struct RelayWindow {
     history: VecDeque<(Instant, u64)>,
     /// (time, bytes/s) samples, newest last.
     rates: VecDeque<(Instant, f64)>,
-    draining: bool,
 }
 
 impl Default for RelayWindow {
@@ -98,14 +87,7 @@ impl RelayWindow {
             min_rtt: None,
             history: VecDeque::new(),
             rates: VecDeque::new(),
-            draining: false,
         }
-    }
-
-    /// Near a possible switch-over: keep no backlog beyond the path's
-    /// bandwidth-delay product (see the module docs).
-    pub fn set_draining(&mut self, on: bool) {
-        self.draining = on;
     }
 
     /// Records `n` bytes handed to the transport.
@@ -183,8 +165,7 @@ impl RelayWindow {
     pub fn window(&self) -> u64 {
         match (self.max_rate(), self.min_rtt) {
             (Some(rate), Some(rtt)) if rate > 0.0 => {
-                let gain = if self.draining { DRAIN_GAIN } else { GAIN };
-                let bdp = rate * (rtt + ACK_ALLOWANCE).as_secs_f64() * gain;
+                let bdp = rate * (rtt + ACK_ALLOWANCE).as_secs_f64() * GAIN;
                 (bdp as u64).clamp(MIN_WINDOW, MAX_WINDOW)
             }
             _ => INITIAL_WINDOW,
@@ -200,27 +181,6 @@ impl RelayWindow {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn draining_keeps_no_backlog_beyond_the_bdp() {
-        let mut w = RelayWindow::new();
-        let t0 = Instant::now();
-        w.handle_rtt(Duration::from_millis(490));
-        // 10 MB/s for 3 s of acknowledgements.
-        for i in 0..=300u64 {
-            w.handle_sent(100_000);
-            w.handle_ack(t0 + Duration::from_millis(10 * i), 100_000 * (i + 1))
-                .unwrap();
-        }
-        let bdp = 10e6 * 0.5;
-        let full = w.window() as f64;
-        w.set_draining(true);
-        let drained = w.window() as f64;
-        assert!((full / bdp - GAIN).abs() < 0.05, "{full}");
-        assert!((drained / bdp - DRAIN_GAIN).abs() < 0.05, "{drained}");
-        w.set_draining(false);
-        assert_eq!(w.window() as f64, full);
-    }
 
     #[test]
     fn starts_with_initial_window() {

@@ -46,9 +46,6 @@ use crate::Agent;
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 /// Time allowed for the destination to launch its QEMU.
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(60);
-/// How far ahead of a possible switch-over the relay drains its backlog,
-/// in round trips of the effective rate (see [`near_switchover`]).
-const DRAIN_AHEAD_RTTS: f64 = 4.0;
 /// Time allowed for the destination's summaries to arrive.
 const SUMMARY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time allowed for QEMU to connect to the relay socket after `migrate`.
@@ -646,10 +643,6 @@ async fn transfer(
                     );
                     let mut p = progress_from(job, &stats);
                     add_predictions(&mut p, &conv);
-                    job.relay.drain.store(
-                        near_switchover(&status, p.remaining_bytes, e.effective_bytes_per_s, sample_conn.rtt()),
-                        Ordering::Relaxed,
-                    );
                     job.set_progress(p);
                 }
                 if !timed_out && Instant::now() > deadline {
@@ -952,22 +945,6 @@ fn guest_downtime_ms(stopped_at_us: Option<i64>, resumed_at_us: Option<i64>) -> 
     (0..3_600_000_000).contains(&d).then_some((d / 1000) as u64)
 }
 
-/// Whether QEMU may stop the guest within a few round trips: it has
-/// stopped it already, or what it has left to send would cross the WAN in
-/// [`DRAIN_AHEAD_RTTS`] round trips at the effective rate. The relay then
-/// drains its backlog, so the final pages do not wait behind it.
-fn near_switchover(status: &str, remaining: u64, effective: Option<f64>, rtt: Duration) -> bool {
-    if status != "active" && status != "setup" {
-        return true;
-    }
-    match effective {
-        Some(rate) if rate > 0.0 => {
-            (remaining as f64) <= rate * rtt.as_secs_f64() * DRAIN_AHEAD_RTTS
-        }
-        _ => false,
-    }
-}
-
 /// Starts metering the sender's CPU just before QEMU starts migrating.
 fn start_cpu_meter(job: &MigrationJob, vm: &VmHandle, agent_carries_stream: bool) {
     if let Ok(mut c) = job.sender_cpu.lock() {
@@ -981,29 +958,5 @@ fn sample_cpu(job: &MigrationJob) {
         if let Some(c) = c.as_mut() {
             c.sample();
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn drains_only_near_a_switchover() {
-        let rtt = Duration::from_millis(520);
-        // 30 MB/s effective: 4 RTTs hold about 62 MB.
-        let rate = Some(30e6);
-        assert!(!near_switchover("active", 200_000_000, rate, rtt));
-        assert!(near_switchover("active", 50_000_000, rate, rtt));
-        assert!(!near_switchover("active", 1, None, rtt), "no estimate yet");
-        assert!(near_switchover("device", 200_000_000, rate, rtt));
-        assert!(near_switchover("pre-switchover", 0, None, rtt));
-    }
-
-    #[test]
-    fn guest_downtime_needs_both_clocks_and_sane_order() {
-        assert_eq!(guest_downtime_ms(Some(1_000_000), Some(1_250_000)), Some(250));
-        assert_eq!(guest_downtime_ms(Some(2_000_000), Some(1_000_000)), None);
-        assert_eq!(guest_downtime_ms(None, Some(1)), None);
     }
 }
