@@ -960,3 +960,15 @@ fn sample_cpu(job: &MigrationJob) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_downtime_needs_both_clocks_and_sane_order() {
+        assert_eq!(guest_downtime_ms(Some(1_000_000), Some(1_250_000)), Some(250));
+        assert_eq!(guest_downtime_ms(Some(2_000_000), Some(1_000_000)), None);
+        assert_eq!(guest_downtime_ms(None, Some(1)), None);
+    }
+}
