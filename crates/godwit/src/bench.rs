@@ -85,6 +85,9 @@ pub struct BenchCmd {
     /// Skip the qemu-direct baseline (memory suite).
     #[arg(long)]
     no_direct: bool,
+    /// Keep each cell's agent logs under this directory (memory suite).
+    #[arg(long)]
+    keep_logs: Option<std::path::PathBuf>,
     /// Cap per migration, s; a slower one counts as failed.
     #[arg(long, default_value_t = CAP_S)]
     cap_s: u64,
@@ -132,6 +135,7 @@ pub async fn run(c: BenchCmd, out: Out) -> Result<()> {
                 godwit: c.paths.iter().any(|p| p.starts_with("godwit")),
                 direct: !c.no_direct && c.paths.iter().any(|p| p == "qemu-direct"),
                 cap_s: c.cap_s,
+                keep_logs: c.keep_logs.clone(),
             };
             crate::bench_memory::run(&suite, out).await?
         }

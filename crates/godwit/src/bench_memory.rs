@@ -149,6 +149,8 @@ pub struct MemorySuite {
     pub direct: bool,
     /// Cap per migration, s.
     pub cap_s: u64,
+    /// Where to keep each cell's agent logs (they go with the lab).
+    pub keep_logs: Option<std::path::PathBuf>,
 }
 
 /// Runs the suite; one row per migration.
@@ -172,6 +174,16 @@ pub async fn run(s: &MemorySuite, out: Out) -> Result<Vec<Value>> {
                     workload: w,
                 };
                 let res = cell.run(&mut rows, out).await;
+                if let Some(dir) = &s.keep_logs {
+                    let cell_dir = dir.join(format!("{}-{delay}ms-{loss}pct", w.label(s.rate_bps)));
+                    for site in ["a", "b"] {
+                        let from = labenv::site_dir(site).join("agent.log");
+                        let _ = std::fs::create_dir_all(&cell_dir);
+                        if let Err(e) = std::fs::copy(&from, cell_dir.join(format!("{site}.log"))) {
+                            out.note(format!("cannot keep {}: {e}", from.display()));
+                        }
+                    }
+                }
                 scenario::stop_everywhere(&["a", "b"], "m1").await;
                 scenario::stop_everywhere(&["a", "b"], "m2").await;
                 scenario::stop_everywhere(&["a", "b"], "d1").await;

@@ -967,7 +967,10 @@ mod tests {
 
     #[test]
     fn guest_downtime_needs_both_clocks_and_sane_order() {
-        assert_eq!(guest_downtime_ms(Some(1_000_000), Some(1_250_000)), Some(250));
+        assert_eq!(
+            guest_downtime_ms(Some(1_000_000), Some(1_250_000)),
+            Some(250)
+        );
         assert_eq!(guest_downtime_ms(Some(2_000_000), Some(1_000_000)), None);
         assert_eq!(guest_downtime_ms(None, Some(1)), None);
     }
