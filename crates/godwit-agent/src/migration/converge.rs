@@ -65,6 +65,14 @@ use crate::api::types::{ConvergenceEvent, ConvergenceReport};
 /// 20 ms still lets it switch over with the last few hundred KiB at
 /// 100 Mbit/s.
 pub const QEMU_DOWNTIME_FLOOR: Duration = Duration::from_millis(20);
+/// QEMU's `downtime-limit` while the gate is closed: small enough that
+/// even a tenfold bandwidth overestimate lets no real remainder through,
+/// yet not 0 (with 0 QEMU would skip the sync at a pass's end and stop).
+pub const GATE_CLOSED_LIMIT: Duration = Duration::from_millis(1);
+/// The gate opens when the dirty set of the last sync would cross at the
+/// effective rate within this many budgets: QEMU then stops within the
+/// next pass, with at most that much left.
+pub const GATE_FACTOR: f64 = 1.5;
 
 /// A recomputed `downtime-limit` is sent to QEMU only when it differs from
 /// the one QEMU has by at least this much (and by
@@ -371,6 +379,12 @@ pub struct Converge {
     stalled_reported: bool,
     /// The `downtime-limit` QEMU has (as far as we know).
     qemu_limit: Option<Duration>,
+    /// The limit QEMU gets once the gate opens (for predictions).
+    open_limit: Option<Duration>,
+    /// QEMU's remaining bytes right after the last sync: the dirty set.
+    sync_pending: Option<u64>,
+    /// Whether QEMU may switch over by itself (see [`GATE_CLOSED_LIMIT`]).
+    gate_open: bool,
     estimates: Estimates,
     events: Vec<ConvergenceEvent>,
     max_throttle: u64,
@@ -400,6 +414,9 @@ impl Converge {
             engaged: false,
             stalled_reported: false,
             qemu_limit: None,
+            open_limit: None,
+            sync_pending: None,
+            gate_open: false,
             estimates: Estimates::default(),
             events: Vec::new(),
             max_throttle: 0,
@@ -418,7 +435,8 @@ impl Converge {
                 ..QemuParams::default()
             };
         }
-        let limit = self.qemu_limit_for(rtt, 0, None);
+        self.open_limit = Some(self.qemu_limit_for(rtt, 0, None));
+        let limit = GATE_CLOSED_LIMIT;
         self.qemu_limit = Some(limit);
         QemuParams {
             downtime_limit_ms: Some(limit.as_millis() as u64),
@@ -440,6 +458,7 @@ impl Converge {
         if new_pass {
             self.pass_started = s.elapsed;
             self.passes = s.passes;
+            self.sync_pending = Some(s.remaining_bytes);
         }
         // QEMU publishes a dirty rate only at syncs; keep the last one.
         if s.dirty_bytes_per_s > 0.0 || new_pass {
@@ -477,6 +496,12 @@ impl Converge {
         }
         self.prev = Some(s);
         actions
+    }
+
+    /// The `downtime-limit` QEMU gets once the gate opens (target minus
+    /// the WAN's share), as last computed.
+    pub fn open_limit(&self) -> Option<Duration> {
+        self.open_limit
     }
 
     /// The current estimates and predictions.
@@ -589,7 +614,7 @@ impl Converge {
         let Some(bw) = self.effective.value.filter(|b| *b > 0.0) else {
             return;
         };
-        let limit = self.qemu_limit.unwrap_or(self.cfg.downtime_target);
+        let limit = self.open_limit.unwrap_or(self.cfg.downtime_target);
         let threshold = bw * limit.as_secs_f64();
         let overhead = self.wan_overhead(s.rtt, self.outstanding_now(), self.wire.value);
         let dirty = self.dirty;
@@ -640,7 +665,27 @@ impl Converge {
     fn decide(&mut self, s: &Sample, new_pass: bool, actions: &mut Vec<Action>) {
         let bw = self.effective.value.unwrap_or(0.0);
         // Keep QEMU's limit in line with the WAN delay and its estimate.
-        let limit = self.qemu_limit_for(s.rtt, self.outstanding_now(), self.wire.value);
+        let open_limit = self.qemu_limit_for(s.rtt, self.outstanding_now(), self.wire.value);
+        self.open_limit = Some(open_limit);
+        // The gate: QEMU judges the switch-over from its bandwidth over the
+        // last 100 ms, which a burst of zero, duplicate or compressible
+        // pages inflates many times over; it would then stop the guest
+        // with far more left than the WAN carries in the budget. So QEMU
+        // gets a token limit until our own figures (the dirty set found at
+        // the last sync, at the smoothed effective rate) show that the
+        // remainder fits.
+        if !self.gate_open && bw > 0.0 {
+            if let Some(p) = self.sync_pending {
+                if p as f64 <= GATE_FACTOR * bw * open_limit.as_secs_f64() {
+                    self.gate_open = true;
+                }
+            }
+        }
+        let limit = if self.gate_open {
+            open_limit
+        } else {
+            GATE_CLOSED_LIMIT
+        };
         let differs = match self.qemu_limit {
             Some(cur) => {
                 let diff = cur.abs_diff(limit);
@@ -657,7 +702,14 @@ impl Converge {
                     downtime_limit_ms: Some(limit.as_millis() as u64),
                     ..QemuParams::default()
                 },
-                reason: format!(
+                reason: if !self.gate_open {
+                    format!(
+                        "QEMU downtime-limit {} ms until the dirty set fits the {} ms budget at the effective rate",
+                        limit.as_millis(),
+                        open_limit.as_millis()
+                    )
+                } else {
+                    format!(
                     "QEMU downtime-limit {} ms: target {} ms minus {} ms one-way delay and {} ms for the device state{}",
                     limit.as_millis(),
                     self.cfg.downtime_target.as_millis(),
@@ -667,7 +719,8 @@ impl Converge {
                         Some(o) if o > 1.05 => format!(", over {o:.2} (QEMU's bandwidth estimate runs ahead of the relay)"),
                         _ => String::new(),
                     }
-                ),
+                )
+                },
             });
             self.qemu_limit = Some(limit);
         }
@@ -1139,12 +1192,14 @@ mod tests {
         let mut c = Converge::new(cfg());
         // 100 ms RTT: 300 - 50 - 30 device allowance.
         let p = c.initial_parameters(Duration::from_millis(100));
-        assert_eq!(p.downtime_limit_ms, Some(220));
+        // QEMU starts behind the gate; the open limit is the budget.
+        assert_eq!(p.downtime_limit_ms, Some(1));
+        assert_eq!(c.open_limit(), Some(Duration::from_millis(220)));
         assert_eq!(p.throttle_trigger_threshold, Some(TRIGGER_IDLE_PCT));
         // 520 ms RTT eats the whole target: the floor.
         let mut c = Converge::new(cfg());
-        let p = c.initial_parameters(Duration::from_millis(520));
-        assert_eq!(p.downtime_limit_ms, Some(20));
+        c.initial_parameters(Duration::from_millis(520));
+        assert_eq!(c.open_limit(), Some(QEMU_DOWNTIME_FLOOR));
         // Without acting, QEMU gets the operator's figure unchanged.
         let mut c = Converge::new(ConvergeConfig {
             act: false,
@@ -1168,38 +1223,29 @@ mod tests {
             ..Sample::default()
         };
         c.observe(base.clone());
-        let a = c.observe(Sample {
+        c.observe(Sample {
             elapsed: Duration::from_millis(250),
             stream_bytes: 3_125_000,
             wire_bytes: 3_125_000,
             remaining_bytes: base.remaining_bytes - 3_125_000,
             ..base.clone()
         });
-        let limit = a
-            .iter()
-            .find(|a| a.kind == ActionKind::DowntimeLimit)
-            .and_then(|a| a.params.downtime_limit_ms);
         // 300 - 100 one-way - 30.
-        assert_eq!(limit, Some(170));
+        assert_eq!(c.open_limit(), Some(Duration::from_millis(170)));
         // 5 MB outstanding on a 12.5 MB/s, 200 ms link: 2.5 MB in flight,
         // 2.5 MB queued = 200 ms more, once the smoothed figure catches up.
-        let mut last = None;
         for i in 2..40u64 {
             let sent = 3_125_000 * i;
-            for a in c.observe(Sample {
+            c.observe(Sample {
                 elapsed: TICK * i as u32,
                 stream_bytes: sent,
                 wire_bytes: sent,
                 outstanding_wire_bytes: 5_000_000,
                 remaining_bytes: base.remaining_bytes - sent,
                 ..base.clone()
-            }) {
-                if a.kind == ActionKind::DowntimeLimit {
-                    last = a.params.downtime_limit_ms;
-                }
-            }
+            });
         }
-        assert_eq!(last, Some(20));
+        assert_eq!(c.open_limit(), Some(QEMU_DOWNTIME_FLOOR));
     }
 
     #[test]
@@ -1214,20 +1260,58 @@ mod tests {
             qemu_bytes_per_s: 25e6,
             ..Sample::default()
         };
-        let mut last = None;
         for i in 0..200u64 {
             s.elapsed = TICK * i as u32;
             s.stream_bytes = 3_125_000 * i;
             s.wire_bytes = s.stream_bytes;
-            for a in c.observe(s.clone()) {
-                if a.kind == ActionKind::DowntimeLimit {
-                    last = a.params.downtime_limit_ms;
-                }
-            }
+            c.observe(s.clone());
         }
         // (300 - 30) / 2.
-        let l = last.unwrap();
+        let l = c.open_limit().unwrap().as_millis();
         assert!((130..=140).contains(&l), "{l}");
+    }
+
+    #[test]
+    fn qemu_may_switch_over_only_once_the_dirty_set_fits() {
+        let mut c = Converge::new(cfg());
+        c.initial_parameters(Duration::ZERO);
+        let limit_actions = |a: Vec<Action>| -> Vec<u64> {
+            a.into_iter()
+                .filter(|a| a.kind == ActionKind::DowntimeLimit)
+                .filter_map(|a| a.params.downtime_limit_ms)
+                .collect()
+        };
+        // 12.5 MB/s effective; budget (300 - 30) ms holds 3.4 MB.
+        let mut s = Sample {
+            phase: QemuPhase::Active,
+            remaining_bytes: 1 << 30,
+            passes: 1,
+            qemu_bytes_per_s: 12.5e6,
+            ..Sample::default()
+        };
+        for i in 0..20u64 {
+            s.elapsed = TICK * i as u32;
+            s.stream_bytes = 3_125_000 * i;
+            s.wire_bytes = s.stream_bytes;
+            assert!(limit_actions(c.observe(s.clone())).is_empty());
+        }
+        // A sync finds 40 MB dirty: too much, the gate stays shut even if
+        // QEMU's own estimate were to run wild.
+        s.passes = 2;
+        s.remaining_bytes = 40_000_000;
+        s.elapsed = TICK * 20;
+        assert!(limit_actions(c.observe(s.clone())).is_empty());
+        // The next sync finds 3 MB: QEMU gets the budget.
+        s.passes = 3;
+        s.remaining_bytes = 3_000_000;
+        s.elapsed = TICK * 21;
+        s.stream_bytes += 3_125_000;
+        s.wire_bytes = s.stream_bytes;
+        let opened = limit_actions(c.observe(s.clone()));
+        assert!(
+            opened.len() == 1 && (250..=270).contains(&opened[0]),
+            "{opened:?}"
+        );
     }
 
     #[test]
