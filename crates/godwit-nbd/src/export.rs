@@ -437,15 +437,9 @@ impl Backend for FileExport {
     }
 
     fn trim(&self, offset: u64, length: u32, fua: bool) -> Result<(), ExportError> {
-        if self.read_only {
-            return Err(ExportError::ReadOnly);
-        }
-        self.check_range(offset, u64::from(length))?;
-        self.zero(offset, u64::from(length), false, false)?;
-        if fua {
-            self.sync(offset)?;
-        }
-        Ok(())
+        // A trimmed range reads as zeros here: the same hole punch as a
+        // WRITE_ZEROES that may leave a hole.
+        self.write_zeroes(offset, length, fua, false, false)
     }
 
     fn write_zeroes(
