@@ -406,7 +406,7 @@ async fn run_cut_experiment(cut: Cut, bandwidth: u64) {
             let o = wait_migration(&c, &mut dst_ev, MIGRATION_TIMEOUT, |_| {}).await;
             let t = Instant::now();
             // When did the process itself go away (if it did)?
-            let exited = wait_exit(pid, Duration::from_secs(3))
+            let exited = wait_exit(pid, Duration::from_secs(10))
                 .await
                 .then(Instant::now);
             (t, o, exited)
