@@ -84,6 +84,11 @@ struct VmRecord {
     /// agent must still answer the source's `QueryOutcome` for it.
     #[serde(default)]
     migration: Option<String>,
+    /// The new QEMU of a same-host handover in progress: written before it
+    /// is told to migrate, so a restarted agent knows both processes map one
+    /// RAM file and keeps exactly the one that runs the guest.
+    #[serde(default)]
+    handover: Option<QemuInstance>,
 }
 
 /// One VM with its live connections.
@@ -99,6 +104,8 @@ pub struct VmHandle {
     /// The incoming migration that brought it here, if any.
     pub migration: Option<String>,
     state: Mutex<VmState>,
+    /// The new QEMU of a same-host handover in progress (persisted).
+    handover: Mutex<Option<QemuInstance>>,
     /// When QEMU last stopped and resumed the guest (QMP `STOP` and
     /// `RESUME` timestamps, µs since the epoch by the host's clock).
     run_events: Mutex<RunEvents>,
@@ -229,6 +236,16 @@ impl VmManager {
                     continue;
                 }
             };
+            let rec = match rec.handover.clone() {
+                Some(new) => match self.settle_handover(rec, new).await {
+                    Some(r) => r,
+                    None => {
+                        let _ = std::fs::remove_file(&path);
+                        continue;
+                    }
+                },
+                None => rec,
+            };
             if !rec.instance.is_running() {
                 info!(
                     vm = rec.spec.name,
@@ -290,6 +307,7 @@ impl VmManager {
                 events,
                 VmState::Running,
                 rec.migration,
+                None,
             );
             if let Err(e) = self.persist(&h) {
                 warn!(vm = h.spec.name, cause = %e, "cannot persist VM record");
@@ -298,6 +316,55 @@ impl VmManager {
         arrived
     }
 
+    /// Resolves a handover that an agent crash interrupted. Both QEMUs map
+    /// the same RAM file: the new one owns the guest iff it runs it (QEMU
+    /// starts the destination only after loading all device state, and the
+    /// old one stays paused in `postmigrate` from then on); otherwise the
+    /// old one does and the new one, still waiting for state, is retired.
+    /// Neither retirement removes the RAM file. Returns the record to
+    /// re-adopt, or `None` if neither process is left.
+    async fn settle_handover(&self, mut rec: VmRecord, new: QemuInstance) -> Option<VmRecord> {
+        rec.handover = None;
+        let new_runs = if new.is_running() {
+            match QmpClient::connect(&new.qmp_socket).await {
+                Ok((c, _)) => {
+                    let st = c
+                        .execute_timeout("query-status", json!({}), QMP_TIMEOUT)
+                        .await
+                        .ok()
+                        .and_then(|v| v.get("status").and_then(|r| r.as_str()).map(str::to_owned));
+                    st.as_deref() != Some("inmigrate")
+                }
+                Err(_) => false,
+            }
+        } else {
+            false
+        };
+        let (keep, drop) = if new_runs {
+            (new, rec.instance.clone())
+        } else {
+            (rec.instance.clone(), new)
+        };
+        info!(
+            vm = rec.spec.name,
+            kept = keep.instance_id,
+            retired = drop.instance_id,
+            "settling a handover interrupted by an agent restart"
+        );
+        let _ = godwit_qemu::retire(&drop, None, STOP_GRACE).await;
+        rec.instance = keep;
+        if !rec.instance.is_running() {
+            // Neither is left: the guest is gone; free its RAM.
+            let _ = godwit_qemu::terminate(&rec.instance, None, Duration::ZERO).await;
+            return None;
+        }
+        if rec.state == VmState::MigratingOut {
+            rec.state = VmState::Running;
+        }
+        Some(rec)
+    }
+
+    #[allow(clippy::too_many_arguments)] // One call site per way a VM appears.
     fn insert(
         &self,
         spec: VmSpec,
@@ -306,8 +373,11 @@ impl VmManager {
         events: tokio::sync::broadcast::Receiver<godwit_qmp::QmpEvent>,
         state: VmState,
         migration: Option<String>,
+        guest: Option<GuestChannel>,
     ) -> Arc<VmHandle> {
-        let guest = GuestChannel::spawn(spec.name.clone(), instance.guest_socket.clone());
+        let guest = guest.unwrap_or_else(|| {
+            GuestChannel::spawn(spec.name.clone(), instance.guest_socket.clone())
+        });
         let h = Arc::new(VmHandle {
             spec,
             instance,
@@ -315,6 +385,7 @@ impl VmManager {
             guest,
             migration,
             state: Mutex::new(state),
+            handover: Mutex::new(None),
             run_events: Mutex::new(RunEvents::default()),
         });
         h.watch_events(events);
@@ -361,11 +432,43 @@ impl VmManager {
             instance: h.instance.clone(),
             state: h.state(),
             migration: h.migration.clone(),
+            handover: h.handover.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         };
         let tmp = path.with_extension("json.tmp");
         let text = serde_json::to_vec_pretty(&rec).map_err(|e| err(std::io::Error::other(e)))?;
         std::fs::write(&tmp, text).map_err(err)?;
         std::fs::rename(&tmp, &path).map_err(err)
+    }
+
+    /// Records (and persists) the new QEMU of a handover of `h`, or clears it.
+    pub fn set_handover(&self, h: &VmHandle, new: Option<QemuInstance>) -> Result<(), VmError> {
+        *h.handover.lock().unwrap_or_else(|p| p.into_inner()) = new;
+        self.persist(h)
+    }
+
+    /// Makes the new QEMU of a completed handover the VM's process: the VM
+    /// keeps its name, spec and migration record, and from now on the old
+    /// handle is no longer current (its supervisor ignores the old QEMU's
+    /// exit). The caller retires the old QEMU.
+    pub fn complete_handover(
+        &self,
+        old: &Arc<VmHandle>,
+        instance: QemuInstance,
+        qmp: QmpClient,
+        events: tokio::sync::broadcast::Receiver<godwit_qmp::QmpEvent>,
+        guest: GuestChannel,
+    ) -> Result<Arc<VmHandle>, VmError> {
+        let h = self.insert(
+            old.spec.clone(),
+            instance,
+            qmp,
+            events,
+            VmState::Running,
+            old.migration.clone(),
+            Some(guest),
+        );
+        self.persist(&h)?;
+        Ok(h)
     }
 
     fn forget(&self, name: &str) {
@@ -410,7 +513,7 @@ impl VmManager {
             LaunchMode::Fresh => VmState::Running,
             LaunchMode::Incoming => VmState::Incoming,
         };
-        let h = self.insert(spec, instance, qmp, events, state, migration);
+        let h = self.insert(spec, instance, qmp, events, state, migration, None);
         self.persist(&h)?;
         info!(vm = name, pid = h.instance.pid, ?mode, "QEMU launched");
         Ok(h)

@@ -24,8 +24,8 @@ pub mod spec;
 pub use args::{build_args, InstancePaths, GUEST_PORT_NAME, NIC_ID, RAM_BACKEND_ID};
 pub use migration::{start_incoming, start_outgoing, wait_migration, MigrationOutcome};
 pub use process::{
-    is_alive, launch, launch_with_paths, new_instance_id, resolve_machine, terminate, wait_exit,
-    QemuInstance, Termination,
+    is_alive, launch, launch_with_paths, new_instance_id, ram_backing, resolve_machine, retire,
+    terminate, wait_exit, QemuInstance, RamBacking, Termination,
 };
 pub use spec::{Accel, DiskSpec, HostConfig, LaunchMode, NetdevSpec, NicSpec, VmSpec};
 

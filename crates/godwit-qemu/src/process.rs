@@ -34,7 +34,7 @@ pub const MAX_SOCKET_PATH_LEN: usize = 107;
 pub const QMP_STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Poll interval while waiting for the QMP socket or for a process to exit.
-const POLL_INTERVAL: Duration = Duration::from_millis(20);
+const POLL_INTERVAL: Duration = Duration::from_millis(5);
 
 /// How long to wait for a process to vanish after SIGKILL. Longer means it
 /// is stuck in the kernel (D state), which we report instead of hiding.
@@ -358,19 +358,98 @@ fn signal(pid: u32, sig: libc::c_int) {
 /// while the pid still runs this instance's command line.
 ///
 /// A source that was migrated away is in `postmigrate`; `quit` is the right
-/// way to end it. Caveat: if two instances share one RAM file (a future
-/// same-host `x-ignore-shared` migration), terminating the first unlinks the
-/// file under the second; the mapping survives but the path does not.
+/// way to end it. An instance whose RAM file another instance maps (either
+/// side of a same-host handover) must be ended with [`retire`] instead.
 pub async fn terminate(
     inst: &QemuInstance,
     client: Option<&QmpClient>,
     grace: Duration,
 ) -> Result<Termination, QemuError> {
+    end(inst, client, grace, true).await
+}
+
+/// Like [`terminate`], but leaves the RAM file in place: for the old QEMU
+/// after a same-host handover (the new one runs the guest on that very
+/// file) and for a new QEMU whose handover failed (the file is still the
+/// old one's guest RAM).
+pub async fn retire(
+    inst: &QemuInstance,
+    client: Option<&QmpClient>,
+    grace: Duration,
+) -> Result<Termination, QemuError> {
+    end(inst, client, grace, false).await
+}
+
+async fn end(
+    inst: &QemuInstance,
+    client: Option<&QmpClient>,
+    grace: Duration,
+    remove_ram: bool,
+) -> Result<Termination, QemuError> {
     let how = stop_process(inst, client, grace).await;
-    cleanup_files(inst);
+    cleanup_files(inst, remove_ram);
     let how = how?;
-    info!(vm = %inst.vm, instance = %inst.instance_id, ?how, "qemu terminated");
+    info!(vm = %inst.vm, instance = %inst.instance_id, ?how, remove_ram, "qemu terminated");
     Ok(how)
+}
+
+/// Linux `statfs` magic of tmpfs (`/dev/shm`).
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+/// Linux `statfs` magic of hugetlbfs.
+const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+
+/// Where a guest RAM file lives, as far as a same-host handover cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RamBacking {
+    /// tmpfs: memory, shared by every process that maps the file.
+    Tmpfs,
+    /// hugetlbfs.
+    Hugetlbfs,
+}
+
+/// Checks that `ram_file` is a file QEMU can hand to another QEMU with
+/// `x-ignore-shared`: a regular file on tmpfs or hugetlbfs. On any other
+/// file system the pages would be written back to a disk, and anything that
+/// is not a named file (memfd, anonymous `share=on`) is silently *not*
+/// carried over by QEMU 7.2, so it is refused with the reason.
+pub fn ram_backing(ram_file: &Path) -> Result<RamBacking, QemuError> {
+    let meta = std::fs::metadata(ram_file).map_err(|source| QemuError::Io {
+        what: format!("stat guest RAM file {}", ram_file.display()),
+        source,
+    })?;
+    if !meta.is_file() {
+        return Err(QemuError::InvalidSpec(format!(
+            "guest RAM {} is not a regular file",
+            ram_file.display()
+        )));
+    }
+    let c = std::ffi::CString::new(ram_file.as_os_str().as_encoded_bytes()).map_err(|_| {
+        QemuError::InvalidSpec(format!(
+            "guest RAM path {} has a NUL byte",
+            ram_file.display()
+        ))
+    })?;
+    // SAFETY: an all-zero statfs is a valid value of this plain C struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: the path is a valid NUL-terminated C string and `st` a live,
+    // properly sized struct; both outlive the call.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(QemuError::Io {
+            what: format!("statfs {}", ram_file.display()),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs by libc target.
+    match st.f_type as i64 {
+        TMPFS_MAGIC => Ok(RamBacking::Tmpfs),
+        HUGETLBFS_MAGIC => Ok(RamBacking::Hugetlbfs),
+        other => Err(QemuError::InvalidSpec(format!(
+            "guest RAM {} is on a file system of type {other:#x}, not tmpfs or hugetlbfs: \
+             its pages would be written back to disk",
+            ram_file.display()
+        ))),
+    }
 }
 
 async fn stop_process(
@@ -410,13 +489,12 @@ async fn stop_process(
     }
 }
 
-fn cleanup_files(inst: &QemuInstance) {
-    for f in [
-        &inst.ram_file,
-        &inst.qmp_socket,
-        &inst.guest_socket,
-        &inst.pidfile,
-    ] {
+fn cleanup_files(inst: &QemuInstance, remove_ram: bool) {
+    let ram = remove_ram.then_some(&inst.ram_file);
+    for f in [&inst.qmp_socket, &inst.guest_socket, &inst.pidfile]
+        .into_iter()
+        .chain(ram)
+    {
         match std::fs::remove_file(f) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

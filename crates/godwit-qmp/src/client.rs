@@ -120,6 +120,8 @@ struct Shared {
     tx: mpsc::UnboundedSender<Request>,
     closed: watch::Receiver<bool>,
     greeting: Greeting,
+    /// Kept so later users can subscribe to events (see [`QmpClient::subscribe`]).
+    events: broadcast::Sender<QmpEvent>,
 }
 
 /// Handle to a QMP connection. Cloning is cheap; all clones share one socket.
@@ -163,7 +165,7 @@ impl QmpClient {
         let driver = Driver {
             conn: QmpConnection::new(),
             rx,
-            events: events_tx,
+            events: events_tx.clone(),
             pending: HashMap::new(),
             greet: Some(greet_tx),
         };
@@ -185,6 +187,7 @@ impl QmpClient {
                 tx,
                 closed: closed_rx,
                 greeting,
+                events: events_tx,
             }),
         };
         match client
@@ -198,7 +201,13 @@ impl QmpClient {
         Ok((client, events_rx))
     }
 
-    /// The server greeting.
+    /// A new receiver of the events that arrive from now on (the one
+    /// [`connect`](Self::connect) returned sees them from the start).
+    pub fn subscribe(&self) -> broadcast::Receiver<QmpEvent> {
+        self.shared.events.subscribe()
+    }
+
+    /// The greeting QEMU sent.
     pub fn greeting(&self) -> &Greeting {
         &self.shared.greeting
     }

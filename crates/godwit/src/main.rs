@@ -87,6 +87,9 @@ enum Command {
     Guest(cmd::vm::GuestCmd),
     /// Live-migrate a VM to another site.
     Migrate(cmd::migrate::MigrateCmd),
+    /// Hand a running VM over to a new QEMU on this host (hypervisor
+    /// upgrade or restart): guest RAM stays in place, only device state moves.
+    Upgrade(cmd::migrate::UpgradeCmd),
     /// Show one migration (or all).
     Migration(cmd::migrate::ShowCmd),
     /// Manage trusted peer agents.
@@ -190,6 +193,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Vm(c) => cmd::vm::run(c, &g, out).await,
         Command::Guest(c) => cmd::vm::guest(c, &g, out).await,
         Command::Migrate(c) => cmd::migrate::run(c, &g, out).await,
+        Command::Upgrade(c) => cmd::migrate::upgrade(c, &g, out).await,
         Command::Migration(c) => cmd::migrate::show(c, &g, out).await,
         Command::Peer(c) => cmd::agent::peer(c, &g, out).await,
         Command::Lab(c) => cmd::lab::run(c, out).await,

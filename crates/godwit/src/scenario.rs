@@ -125,6 +125,8 @@ pub async fn migrate(
         downtime_limit_ms: None,
         timeout_s: Some(timeout_s),
         direct,
+        qemu: None,
+        copy: false,
     };
     crate::cmd::migrate::migrate(from, &req, out).await
 }

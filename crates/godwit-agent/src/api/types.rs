@@ -104,6 +104,14 @@ pub struct StartMigration {
     /// relay (no encryption, no acceleration). For comparisons only.
     #[serde(default)]
     pub direct: bool,
+    /// Same host only (`to` names this agent): the QEMU binary of the new
+    /// process (a hypervisor upgrade); default: the configured one.
+    #[serde(default)]
+    pub qemu: Option<std::path::PathBuf>,
+    /// Same host only: copy guest RAM into the new QEMU instead of handing
+    /// the RAM file over (the baseline of `godwit bench local`).
+    #[serde(default)]
+    pub copy: bool,
 }
 
 /// Phase of a migration.
@@ -249,6 +257,38 @@ pub struct MigrationReport {
     /// What the convergence controller saw and did (relay path only).
     #[serde(default)]
     pub convergence: Option<ConvergenceReport>,
+    /// Same-host migrations only (`mode` "handover" or "local-copy").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local: Option<LocalMigrationReport>,
+}
+
+/// What a same-host migration did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LocalMigrationReport {
+    /// The old QEMU's version.
+    pub old_qemu: Option<String>,
+    /// The new QEMU's version.
+    pub new_qemu: Option<String>,
+    /// Whether the new QEMU took over the RAM file (handover) instead of
+    /// receiving a copy.
+    pub ram_shared: bool,
+    /// Pause as the guest's own tool saw it: from its last answer through
+    /// the old QEMU to its first through the new one, ms (null without the
+    /// guest tool).
+    pub guest_pause_ms: Option<f64>,
+    /// Median time between the guest tool's answers before the handover,
+    /// ms: the resolution of `guest_pause_ms`.
+    #[serde(default)]
+    pub guest_ping_interval_ms: Option<f64>,
+    /// CPU seconds: the agent, the old QEMU's migration thread and all of
+    /// the new QEMU's non-vCPU threads (start-up included).
+    pub cpu_s: f64,
+    /// Starting the new QEMU until its QMP answered, ms.
+    #[serde(default)]
+    pub launch_ms: f64,
+    /// Moving the state and starting the guest in the new QEMU, ms.
+    #[serde(default)]
+    pub transfer_ms: f64,
 }
 
 /// What the convergence controller saw and did in one migration.

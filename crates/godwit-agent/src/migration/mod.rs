@@ -40,6 +40,7 @@
 
 pub mod converge;
 pub mod destination;
+pub mod local;
 pub mod source;
 
 use std::collections::HashMap;

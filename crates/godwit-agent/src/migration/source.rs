@@ -63,6 +63,15 @@ pub async fn start(
     agent: &Arc<Agent>,
     req: StartMigration,
 ) -> Result<Arc<MigrationJob>, MigrationError> {
+    if super::local::is_this_host(agent, &req.to) {
+        return super::local::start(agent, req).await;
+    }
+    if req.qemu.is_some() || req.copy {
+        return Err(MigrationError::Refused {
+            peer: req.to.clone(),
+            message: "--qemu and --copy are for a migration on the same host".into(),
+        });
+    }
     let peer = agent.peers.resolve(&req.to)?;
     let vm = agent.vms.begin_migration(&req.vm)?;
     let mut job = MigrationJob::new(
@@ -932,6 +941,7 @@ fn build_report(job: &MigrationJob, vm: &VmHandle, last: Option<&Value>) -> Migr
             .map(|n| wire as f64 * (1u64 << 30) as f64 / n as f64),
         // Set by `run` from the controller.
         convergence: None,
+        local: None,
     }
 }
 
@@ -939,7 +949,10 @@ fn build_report(job: &MigrationJob, vm: &VmHandle, last: Option<&Value>) -> Migr
 /// destination QEMU resuming it, by the two hosts' clocks (exact in the
 /// lab, where both are one host; NTP-accurate otherwise). QEMU's own
 /// `downtime` ends when the source hears SHUT back, one WAN trip later.
-fn guest_downtime_ms(stopped_at_us: Option<i64>, resumed_at_us: Option<i64>) -> Option<u64> {
+pub(super) fn guest_downtime_ms(
+    stopped_at_us: Option<i64>,
+    resumed_at_us: Option<i64>,
+) -> Option<u64> {
     let d = resumed_at_us? - stopped_at_us?;
     // A negative or absurd difference means the clocks disagree: no figure.
     (0..3_600_000_000).contains(&d).then_some((d / 1000) as u64)

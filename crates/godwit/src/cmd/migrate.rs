@@ -33,6 +33,23 @@ pub struct MigrateCmd {
     /// (unencrypted; for comparisons).
     #[arg(long)]
     pub direct: bool,
+    /// When `--to` is this host: copy guest RAM into the new QEMU instead of
+    /// handing its RAM file over (a baseline for comparisons).
+    #[arg(long)]
+    pub copy: bool,
+}
+
+/// `godwit upgrade VM`: a new QEMU on this host takes over the running VM.
+#[derive(Args, Debug)]
+pub struct UpgradeCmd {
+    /// VM name.
+    pub vm: String,
+    /// QEMU binary of the new process (default: the agent's configured one).
+    #[arg(long)]
+    pub qemu: Option<std::path::PathBuf>,
+    /// Give up after this many seconds (the VM keeps running in its QEMU).
+    #[arg(long)]
+    pub timeout: Option<u64>,
 }
 
 /// `godwit migration [ID]`.
@@ -166,6 +183,21 @@ pub fn summary(m: &MigrationInfo) -> String {
             r.mode
         ));
     }
+    if let Some(l) = m.report.as_ref().and_then(|r| r.local.as_ref()) {
+        s.push_str(&format!(
+            "  same host       QEMU {} -> {}, RAM {}, guest saw a pause of {}, CPU {:.3} s\n",
+            l.old_qemu.as_deref().unwrap_or("?"),
+            l.new_qemu.as_deref().unwrap_or("?"),
+            if l.ram_shared {
+                "handed over (0 bytes copied)"
+            } else {
+                "copied"
+            },
+            l.guest_pause_ms
+                .map_or("-".into(), |p| format!("{p:.1} ms")),
+            l.cpu_s,
+        ));
+    }
     if let Some(c) = m.report.as_ref().and_then(|r| r.codec.as_ref()) {
         let sh = &c.shares;
         let pct = |x: f64| format!("{:.1} %", x * 100.0);
@@ -249,6 +281,8 @@ pub async fn run(c: MigrateCmd, g: &Global, out: Out) -> Result<()> {
         downtime_limit_ms: c.downtime_limit,
         timeout_s: c.timeout,
         direct: c.direct,
+        qemu: None,
+        copy: c.copy,
     };
     if c.no_wait {
         let m: MigrationInfo = client.post("/v1/migrations", &req).await?;
@@ -256,6 +290,28 @@ pub async fn run(c: MigrateCmd, g: &Global, out: Out) -> Result<()> {
         return Ok(());
     }
     let m = migrate(&client, &req, out).await?;
+    conclude(m, out)
+}
+
+/// Runs `godwit upgrade`: a same-host migration to this very agent.
+pub async fn upgrade(c: UpgradeCmd, g: &Global, out: Out) -> Result<()> {
+    let client = g.client();
+    let me: godwit_agent::api::types::AgentStatus = client.get("/v1/status").await?;
+    let req = StartMigration {
+        vm: c.vm,
+        to: me.name,
+        downtime_limit_ms: None,
+        timeout_s: c.timeout,
+        direct: false,
+        qemu: c.qemu,
+        copy: false,
+    };
+    let m = migrate(&client, &req, out).await?;
+    conclude(m, out)
+}
+
+/// Prints the summary; a migration that did not complete is an error.
+fn conclude(m: MigrationInfo, out: Out) -> Result<()> {
     out.result("summary", &m, || summary(&m));
     match m.phase {
         MigrationPhase::Completed => Ok(()),
