@@ -250,6 +250,10 @@ pub enum DropReason {
     UnknownRemote,
     /// The registry says local but no port has the MAC.
     NoPort,
+    /// A peer's flood copy, sent before that peer had applied the claim of
+    /// the port's MAC: withheld from that port (see [`crate::dedup`]).
+    /// Counted per port skipped; the frame still reaches other ports.
+    FloodBeforeClaim,
 }
 
 impl DropReason {
@@ -272,6 +276,7 @@ impl DropReason {
             Self::MovedAway => "moved_away",
             Self::UnknownRemote => "unknown_remote",
             Self::NoPort => "no_port",
+            Self::FloodBeforeClaim => "flood_before_claim",
         }
     }
 }
@@ -294,6 +299,10 @@ pub enum Action {
         vni: Vni,
         /// How (goes into the overlay header).
         delivery: Delivery,
+        /// How many of `site`'s registry updates this switch had applied
+        /// when it sent the frame (goes into the overlay header; see
+        /// [`crate::dedup`]).
+        ack: u64,
         /// Frame.
         frame: Bytes,
     },
@@ -492,6 +501,10 @@ struct Port {
     /// Extra source MACs seen (ports with `allow_other_sources`).
     macs: BTreeSet<MacAddr>,
     announcer: Option<Announcer>,
+    /// Per peer: how many of our pushes that peer must have applied (our
+    /// claim of this port's MAC included) before its flood copies may reach
+    /// this port. Empty until the port is claimed.
+    claim_epochs: BTreeMap<HostId, u64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -500,6 +513,7 @@ enum Ingress<'a> {
     Remote {
         from: &'a HostId,
         delivery: Delivery,
+        ack: u64,
     },
     Router,
 }
@@ -514,6 +528,12 @@ pub struct Switch {
     remotes: BTreeMap<Vni, BTreeSet<HostId>>,
     gateways: HashMap<Vni, GatewayConfig>,
     arp_suppression: bool,
+    /// Per peer: registry updates pushed to it on the current control
+    /// connection.
+    pushes_to: BTreeMap<HostId, u64>,
+    /// Per peer: registry updates applied from it on the current control
+    /// connection.
+    applied_from: HashMap<HostId, u64>,
     stats: SwitchStats,
 }
 
@@ -527,6 +547,8 @@ impl Switch {
             remotes: BTreeMap::new(),
             gateways: HashMap::new(),
             arp_suppression: false,
+            pushes_to: BTreeMap::new(),
+            applied_from: HashMap::new(),
             stats: SwitchStats::default(),
         }
     }
@@ -579,6 +601,7 @@ impl Switch {
                 queued_bytes: 0,
                 macs: BTreeSet::new(),
                 announcer: None,
+                claim_epochs: BTreeMap::new(),
             },
         );
         Ok(())
@@ -596,7 +619,7 @@ impl Switch {
             if self.mac_table.get(&key) == Some(&port) {
                 self.mac_table.remove(&key);
                 if let Some(u) = self.registry.withdraw_local(p.cfg.vni, mac) {
-                    out.push(Action::Push(u));
+                    self.push(u, &mut out);
                 }
             }
         }
@@ -641,7 +664,16 @@ impl Switch {
         let u = self.registry.claim(now, vni, mac, ips)?;
         self.mac_table.insert((vni, mac), port);
         self.stats.claims += 1;
-        Ok(vec![Action::Push(u)])
+        let mut out = Vec::new();
+        self.push(u, &mut out);
+        // A peer's flood copy reaches this port only once the peer had
+        // applied the claim when it sent it: earlier copies may also have
+        // reached the source's copy of the guest (crate::dedup).
+        let epochs = self.pushes_to.clone();
+        if let Some(p) = self.ports.get_mut(&port) {
+            p.claim_epochs = epochs;
+        }
+        Ok(out)
     }
 
     /// Opens a port (the VM resumed here): delivers the queued frames and
@@ -734,7 +766,9 @@ impl Switch {
         }
         match self.registry.learn_local(now, vni, src, eth.learned_ip()) {
             Ok(update) => {
-                out.extend(update.map(Action::Push));
+                if let Some(u) = update {
+                    self.push(u, &mut out);
+                }
                 self.mac_table.insert((vni, src), port);
                 if src != cfg.mac {
                     if let Some(p) = self.ports.get_mut(&port) {
@@ -770,12 +804,17 @@ impl Switch {
         out
     }
 
-    /// Handles a frame that peer `from` sent on network `vni`.
+    /// Handles a frame that peer `from` sent on network `vni`, with the
+    /// `delivery` and `ack` of its overlay header. A kernel VXLAN peer has
+    /// neither: pass [`Delivery::Flood`] and `u64::MAX` (it takes no part in
+    /// the control plane, so its floods are outside the at-most-once
+    /// guarantee of [`crate::dedup`]).
     pub fn handle_remote_frame(
         &mut self,
         from: &HostId,
         vni: Vni,
         delivery: Delivery,
+        ack: u64,
         frame: Bytes,
     ) -> Vec<Action> {
         self.stats.rx_remote += 1;
@@ -801,7 +840,11 @@ impl Switch {
             return out;
         }
         self.forward(
-            Ingress::Remote { from, delivery },
+            Ingress::Remote {
+                from,
+                delivery,
+                ack,
+            },
             vni,
             dst,
             frame,
@@ -827,7 +870,18 @@ impl Switch {
     /// Applies a registry update from a peer. If it takes over a MAC whose
     /// port is here, that port is fenced ([`Action::PortFenced`]); if the
     /// peer is behind, our own advertisement is pushed again.
-    pub fn handle_update(&mut self, now: Instant, update: &RegistryUpdate) -> Vec<Action> {
+    ///
+    /// `from` is the peer whose control connection carried the update: the
+    /// shell must deliver each peer's updates in order and exactly once per
+    /// connection (a reliable QUIC stream), and call
+    /// [`reset_peer`](Self::reset_peer) when that connection is replaced.
+    pub fn handle_update(
+        &mut self,
+        now: Instant,
+        from: &HostId,
+        update: &RegistryUpdate,
+    ) -> Vec<Action> {
+        *self.applied_from.entry(from.clone()).or_insert(0) += 1;
         let mut out = Vec::new();
         match self.registry.handle_update(now, update) {
             Applied::LostLocal { vni, mac, to, seq } => {
@@ -854,13 +908,31 @@ impl Switch {
                     }
                 }
             }
-            Applied::Superseded { ours: Some(u) } => out.push(Action::Push(u)),
+            Applied::Superseded { ours: Some(u) } => self.push(u, &mut out),
             Applied::Rejected(why) => {
                 debug!(why, "registry update rejected");
             }
             _ => {}
         }
         out
+    }
+
+    /// A new control connection to `site` replaced the old one: both sides
+    /// restart their update counts, and this side pushes every local
+    /// location again (full sync; the returned actions go to `site` only,
+    /// although pushing them to everyone is harmless).
+    pub fn reset_peer(&mut self, site: &HostId) -> Vec<Action> {
+        self.applied_from.insert(site.clone(), 0);
+        let sync = self.registry.local_advertisements();
+        let n = sync.len() as u64;
+        self.pushes_to.insert(site.clone(), n);
+        for p in self.ports.values_mut() {
+            if let Some(e) = p.claim_epochs.get_mut(site) {
+                // The sync carries every claim still held here.
+                *e = n;
+            }
+        }
+        sync.into_iter().map(Action::Push).collect()
     }
 
     /// Sends the announcement rounds that are due.
@@ -970,26 +1042,31 @@ impl Switch {
         match ingress {
             Ingress::Local(_) | Ingress::Router => {
                 self.stats.sent_remote += 1;
+                let ack = self.ack_for(&host);
                 out.push(Action::SendRemote {
                     site: host,
                     vni,
                     delivery: Delivery::Unicast,
+                    ack,
                     frame,
                 });
             }
             Ingress::Remote {
                 from,
                 delivery: Delivery::Unicast,
+                ..
             } if host != *from => {
                 // The sender's registry was behind: ours names the new
                 // site. This is the only copy of the frame (it was sent as
                 // unicast), so moving it on cannot duplicate it.
                 self.stats.relayed += 1;
                 self.stats.sent_remote += 1;
+                let ack = self.ack_for(&host);
                 out.push(Action::SendRemote {
                     site: host,
                     vni,
                     delivery: Delivery::Relayed,
+                    ack,
                     frame,
                 });
             }
@@ -1005,6 +1082,14 @@ impl Switch {
         };
         for (id, p) in &self.ports {
             if p.cfg.vni == vni && p.state == PortState::Open && Some(*id) != except {
+                if let Ingress::Remote { from, ack, .. } = ingress {
+                    if p.claim_epochs.get(from).is_some_and(|e| ack < *e) {
+                        // Sent before `from` knew the guest had moved here:
+                        // the source's copy of the guest may have had it.
+                        self.stats.drops.add(DropReason::FloodBeforeClaim);
+                        continue;
+                    }
+                }
                 self.stats.delivered += 1;
                 out.push(Action::Deliver {
                     port: *id,
@@ -1022,6 +1107,7 @@ impl Switch {
                     site: site.clone(),
                     vni,
                     delivery: Delivery::Flood,
+                    ack: self.applied_from.get(site).copied().unwrap_or(0),
                     frame: frame.clone(),
                 });
             }
@@ -1145,6 +1231,19 @@ impl Switch {
         true
     }
 
+    /// Emits a registry update for every peer and counts it per peer.
+    fn push(&mut self, u: RegistryUpdate, out: &mut Vec<Action>) {
+        let peers: BTreeSet<HostId> = self.remotes.values().flatten().cloned().collect();
+        for site in peers {
+            *self.pushes_to.entry(site).or_insert(0) += 1;
+        }
+        out.push(Action::Push(u));
+    }
+
+    fn ack_for(&self, site: &HostId) -> u64 {
+        self.applied_from.get(site).copied().unwrap_or(0)
+    }
+
     fn drop_frame(&mut self, reason: DropReason, out: &mut Vec<Action>) {
         self.stats.drops.add(reason);
         out.push(Action::Drop { reason });
@@ -1161,4 +1260,611 @@ fn fence_port(p: &mut Port, stats: &mut SwitchStats) {
     p.queued_bytes = 0;
     p.state = PortState::Fenced;
     p.announcer = None;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{
+        arp_request, neighbour_solicitation, push_eth_header, ETHERTYPE_ARP, ETHERTYPE_IPV6,
+    };
+
+    const A: MacAddr = MacAddr([0x52, 0x54, 0, 0, 0, 0xa]);
+    const B: MacAddr = MacAddr([0x52, 0x54, 0, 0, 0, 0xb]);
+    const GW: MacAddr = MacAddr([0x02, 0, 0, 0, 0, 1]);
+    const PA: PortId = PortId(1);
+    const PB: PortId = PortId(2);
+
+    fn vni() -> Vni {
+        Vni::new(100).unwrap()
+    }
+
+    /// A test frame with an experimental EtherType and an id.
+    fn data(dst: MacAddr, src: MacAddr, id: u64) -> Bytes {
+        let mut f = Vec::new();
+        push_eth_header(&mut f, dst, src, None, 0x88b5);
+        f.extend_from_slice(&id.to_be_bytes());
+        Bytes::from(f)
+    }
+
+    fn cfg(mac: MacAddr) -> PortConfig {
+        PortConfig {
+            vni: vni(),
+            mac,
+            allow_other_sources: false,
+        }
+    }
+
+    fn switch(host: &str) -> Switch {
+        let mut s = Switch::new(HostId::new(host));
+        s.add_port(PA, cfg(A), PortState::Open).unwrap();
+        s.add_port(PB, cfg(B), PortState::Open).unwrap();
+        s.add_remote(vni(), HostId::new("r1"));
+        s.add_remote(vni(), HostId::new("r2"));
+        s
+    }
+
+    fn delivered(actions: &[Action]) -> Vec<PortId> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Deliver { port, .. } => Some(*port),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn remote(actions: &[Action]) -> Vec<(String, Delivery)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::SendRemote { site, delivery, .. } => {
+                    Some((site.as_str().to_string(), *delivery))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn drops(actions: &[Action]) -> Vec<DropReason> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Drop { reason } => Some(*reason),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn pushes(actions: &[Action]) -> Vec<RegistryUpdate> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Push(u) => Some(u.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn broadcast_floods_everywhere_but_the_ingress_then_unicast_is_direct() {
+        let t = Instant::now();
+        let mut s = switch("h");
+        let arp = Bytes::from(arp_request(
+            A,
+            "10.0.0.10".parse().unwrap(),
+            "10.0.0.11".parse().unwrap(),
+            None,
+        ));
+        let out = s.handle_local_frame(t, PA, arp);
+        assert_eq!(delivered(&out), vec![PB]);
+        assert_eq!(
+            remote(&out),
+            vec![
+                ("r1".into(), Delivery::Flood),
+                ("r2".into(), Delivery::Flood)
+            ]
+        );
+        // A's location (with its IP) is pushed to the peers.
+        let p = pushes(&out);
+        assert_eq!(p.len(), 1);
+        assert_eq!(
+            s.registry().lookup_ip(vni(), "10.0.0.10".parse().unwrap()),
+            Some(A)
+        );
+        // B answers A directly: A is known to be local on PA.
+        let out = s.handle_local_frame(t, PB, data(A, B, 1));
+        assert_eq!(delivered(&out), vec![PA]);
+        assert!(remote(&out).is_empty());
+        // A frame to an unknown MAC floods (unknown unicast).
+        let x = MacAddr([0x52, 0x54, 0, 0, 0, 0x99]);
+        let out = s.handle_local_frame(t, PA, data(x, A, 2));
+        assert_eq!(delivered(&out), vec![PB]);
+        assert_eq!(remote(&out).len(), 2);
+        // A frame to a MAC at a peer goes only there.
+        s.handle_update(
+            t,
+            &HostId::new("peer"),
+            &RegistryUpdate::Advertise(crate::registry::Advertisement {
+                vni: vni(),
+                mac: x,
+                host: HostId::new("r2"),
+                seq: 0,
+                ips: vec![],
+                sticky: false,
+            }),
+        );
+        let out = s.handle_local_frame(t, PA, data(x, A, 3));
+        assert_eq!(remote(&out), vec![("r2".into(), Delivery::Unicast)]);
+        assert!(delivered(&out).is_empty());
+    }
+
+    #[test]
+    fn source_checks() {
+        let t = Instant::now();
+        let mut s = switch("h");
+        s.set_gateway(
+            vni(),
+            Some(GatewayConfig {
+                mac: GW,
+                ..Default::default()
+            }),
+        );
+        assert_eq!(
+            drops(&s.handle_local_frame(t, PA, data(B, B, 1))),
+            vec![DropReason::Spoofed]
+        );
+        assert_eq!(
+            drops(&s.handle_local_frame(t, PA, data(B, GW, 1))),
+            vec![DropReason::Spoofed]
+        );
+        assert_eq!(
+            drops(&s.handle_local_frame(t, PA, data(B, MacAddr::BROADCAST, 1))),
+            vec![DropReason::BadSource]
+        );
+        assert_eq!(
+            drops(&s.handle_local_frame(t, PortId(9), data(B, A, 1))),
+            vec![DropReason::UnknownPort]
+        );
+        assert_eq!(
+            drops(&s.handle_local_frame(t, PA, Bytes::from_static(&[1, 2, 3]))),
+            vec![DropReason::Malformed]
+        );
+        s.handle_local_frame(t, PA, data(B, A, 1));
+        assert_eq!(
+            drops(&s.handle_local_frame(t, PA, data(A, A, 1))),
+            vec![DropReason::Hairpin]
+        );
+        // A bridging port may use a bounded number of other MACs.
+        s.add_port(
+            PortId(3),
+            PortConfig {
+                allow_other_sources: true,
+                ..cfg(MacAddr([0x52, 0, 0, 0, 0, 3]))
+            },
+            PortState::Open,
+        )
+        .unwrap();
+        for i in 0..MAX_MACS_PER_PORT as u8 {
+            let out =
+                s.handle_local_frame(t, PortId(3), data(B, MacAddr([0x52, 1, 0, 0, 0, i]), 1));
+            assert!(drops(&out).is_empty());
+        }
+        let out = s.handle_local_frame(t, PortId(3), data(B, MacAddr([0x52, 2, 0, 0, 0, 0]), 1));
+        assert_eq!(drops(&out), vec![DropReason::TooManyMacs]);
+        assert_eq!(s.stats().drops.get(DropReason::Spoofed), 2);
+    }
+
+    #[test]
+    fn fenced_port_emits_nothing_and_cannot_move_its_location_back() {
+        let t = Instant::now();
+        let mut s = switch("src");
+        s.handle_local_frame(t, PA, data(B, A, 0));
+        s.fence(PA).unwrap();
+        s.fence(PA).unwrap();
+        assert_eq!(s.stats().fences, 1);
+        // The destination's claim arrives: A is remote now.
+        let claim = RegistryUpdate::Advertise(crate::registry::Advertisement {
+            vni: vni(),
+            mac: A,
+            host: HostId::new("r1"),
+            seq: 1,
+            ips: vec![],
+            sticky: false,
+        });
+        let out = s.handle_update(t, &HostId::new("peer"), &claim);
+        assert!(out.is_empty(), "already fenced: {out:?}");
+        // The stale copy keeps talking: all dropped, no learn, no push.
+        for i in 0..10 {
+            let out = s.handle_local_frame(t, PA, data(B, A, i));
+            assert_eq!(
+                out,
+                vec![Action::Drop {
+                    reason: DropReason::FencedSource
+                }]
+            );
+        }
+        assert_eq!(s.registry().location(vni(), A).unwrap().seq, 1);
+        assert_eq!(s.stats().drops.get(DropReason::FencedSource), 10);
+        // B's frames to A now go to A's new site.
+        let out = s.handle_local_frame(t, PB, data(A, B, 11));
+        assert_eq!(remote(&out), vec![("r1".into(), Delivery::Unicast)]);
+        assert!(matches!(s.open(t, PA), Err(SwitchError::Fenced(PA))));
+        assert!(matches!(s.claim(t, PA, &[]), Err(SwitchError::Fenced(PA))));
+    }
+
+    #[test]
+    fn winning_peer_claim_fences_an_open_port() {
+        let t = Instant::now();
+        let mut s = switch("src");
+        s.handle_local_frame(t, PA, data(B, A, 0));
+        let claim = RegistryUpdate::Advertise(crate::registry::Advertisement {
+            vni: vni(),
+            mac: A,
+            host: HostId::new("r1"),
+            seq: 1,
+            ips: vec![],
+            sticky: false,
+        });
+        let out = s.handle_update(t, &HostId::new("peer"), &claim);
+        assert_eq!(
+            out,
+            vec![Action::PortFenced {
+                port: PA,
+                to: HostId::new("r1")
+            }]
+        );
+        assert_eq!(s.port_state(PA), Some(PortState::Fenced));
+        assert!(s.handle_update(t, &HostId::new("peer"), &claim).is_empty());
+        // A stale (lower) advertisement is answered with ours.
+        s.handle_local_frame(t, PB, data(A, B, 0));
+        let stale = RegistryUpdate::Advertise(crate::registry::Advertisement {
+            vni: vni(),
+            mac: B,
+            host: HostId::new("zz"),
+            seq: 0,
+            ips: vec![],
+            sticky: false,
+        });
+        // Tie at seq 0: our host "src" sorts before "zz", so we win.
+        let out = s.handle_update(t, &HostId::new("peer"), &stale);
+        assert_eq!(pushes(&out).len(), 1);
+        assert_eq!(s.port_state(PB), Some(PortState::Open));
+    }
+
+    #[test]
+    fn pending_port_rarp_claim_queue_open_announce() {
+        let t0 = Instant::now();
+        let mut d = Switch::new(HostId::new("dst"));
+        d.add_port(PA, cfg(A), PortState::Pending).unwrap();
+        d.add_port(PB, cfg(B), PortState::Open).unwrap();
+        d.add_remote(vni(), HostId::new("src"));
+        // A is at the source, with two IPs.
+        d.handle_update(
+            t0,
+            &HostId::new("peer"),
+            &RegistryUpdate::Advertise(crate::registry::Advertisement {
+                vni: vni(),
+                mac: A,
+                host: HostId::new("src"),
+                seq: 4,
+                ips: vec!["10.0.0.10".parse().unwrap(), "2001:db8::a".parse().unwrap()],
+                sticky: false,
+            }),
+        );
+        // Before the claim, B's frames to A go to the source.
+        let out = d.handle_local_frame(t0, PB, data(A, B, 1));
+        assert_eq!(remote(&out), vec![("src".into(), Delivery::Unicast)]);
+        // QEMU's RARP on the pending port: the activation signal, no egress.
+        let mut rarp = Vec::new();
+        push_eth_header(
+            &mut rarp,
+            MacAddr::BROADCAST,
+            A,
+            None,
+            crate::frame::ETHERTYPE_RARP,
+        );
+        crate::frame::ArpPacket {
+            op: ArpOp::ReverseRequest,
+            sha: A,
+            spa: Ipv4Addr::UNSPECIFIED,
+            tha: A,
+            tpa: Ipv4Addr::UNSPECIFIED,
+        }
+        .encode(&mut rarp);
+        rarp.resize(60, 0);
+        let out = d.handle_local_frame(t0, PA, Bytes::from(rarp));
+        assert_eq!(
+            out,
+            vec![
+                Action::RarpSeen { port: PA, mac: A },
+                Action::Drop {
+                    reason: DropReason::PendingSource
+                }
+            ]
+        );
+        let out = d.claim(t0, PA, &[]).unwrap();
+        let p = pushes(&out);
+        assert!(
+            matches!(&p[..], [RegistryUpdate::Advertise(a)] if a.seq == 5 && a.host.as_str() == "dst")
+        );
+        // Frames for A now queue on the pending port.
+        assert!(d.handle_local_frame(t0, PB, data(A, B, 2)).is_empty());
+        assert!(d
+            .handle_remote_frame(
+                &HostId::new("src"),
+                vni(),
+                Delivery::Unicast,
+                0,
+                data(A, B, 3)
+            )
+            .is_empty());
+        assert_eq!(d.status(t0).ports[0].queued, 2);
+        // Floods do not reach a pending port.
+        let out = d.handle_local_frame(t0, PB, data(MacAddr::BROADCAST, B, 4));
+        assert!(delivered(&out).is_empty());
+        // Resume: queue flushed in order, first announcement round flooded
+        // to B and the peer (2 GARP + 1 NA).
+        let t1 = t0 + Duration::from_millis(300);
+        let out = d.open(t1, PA).unwrap();
+        let mut ids = Vec::new();
+        for a in &out {
+            if let Action::Deliver { port: PA, frame } = a {
+                ids.push(frame[frame.len() - 1]);
+            }
+        }
+        assert_eq!(ids, vec![2, 3]);
+        assert_eq!(delivered(&out).iter().filter(|p| **p == PB).count(), 3);
+        assert_eq!(remote(&out).len(), 3);
+        let kinds: Vec<u16> = out
+            .iter()
+            .filter_map(|a| match a {
+                Action::Deliver { port: PB, frame } => {
+                    EthernetFrame::parse(frame).ok().map(|e| e.ethertype())
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(kinds, vec![ETHERTYPE_ARP, ETHERTYPE_ARP, ETHERTYPE_IPV6]);
+        // The remaining rounds follow ANNOUNCE_SCHEDULE.
+        let mut rounds = 1;
+        while let Some(next) = d.poll_timeout() {
+            assert_eq!(next, t1 + ANNOUNCE_SCHEDULE[rounds]);
+            let out = d.handle_timeout(next);
+            assert_eq!(remote(&out).len(), 3);
+            rounds += 1;
+        }
+        assert_eq!(rounds, ANNOUNCE_SCHEDULE.len());
+        assert!(*ANNOUNCE_SCHEDULE.last().unwrap() > Duration::from_secs(2));
+        assert_eq!(d.stats().announcements, 3 * ANNOUNCE_SCHEDULE.len() as u64);
+    }
+
+    #[test]
+    fn pending_queue_is_bounded() {
+        let t = Instant::now();
+        let mut d = Switch::new(HostId::new("dst"));
+        d.add_port(PA, cfg(A), PortState::Pending).unwrap();
+        d.add_port(PB, cfg(B), PortState::Open).unwrap();
+        d.claim(t, PA, &[]).unwrap();
+        for i in 0..MAX_PENDING_FRAMES as u64 + 5 {
+            d.handle_local_frame(t, PB, data(A, B, i));
+        }
+        assert_eq!(d.stats().drops.get(DropReason::PendingQueueFull), 5);
+        let out = d.open(t, PA).unwrap();
+        assert_eq!(delivered(&out).len(), MAX_PENDING_FRAMES);
+    }
+
+    #[test]
+    fn announcer_skips_missed_rounds() {
+        let t = Instant::now();
+        let mut a = Announcer::new(t, A, vec!["10.0.0.1".parse().unwrap()]);
+        assert_eq!(a.handle_timeout(t).len(), 2);
+        assert!(a.handle_timeout(t + Duration::from_millis(10)).is_empty());
+        // Woken late at 400 ms: one round, not three.
+        assert_eq!(a.handle_timeout(t + Duration::from_millis(400)).len(), 2);
+        assert_eq!(a.poll_timeout(), Some(t + ANNOUNCE_SCHEDULE[4]));
+        assert_eq!(a.rounds_left(), 3);
+    }
+
+    #[test]
+    fn distributed_gateway() {
+        let t = Instant::now();
+        let mut s = switch("h");
+        let gw4: Ipv4Addr = "10.0.0.1".parse().unwrap();
+        let gw6: Ipv6Addr = "fe80::1".parse().unwrap();
+        s.set_gateway(
+            vni(),
+            Some(GatewayConfig {
+                mac: GW,
+                ipv4: vec![gw4],
+                ipv6: vec![gw6],
+            }),
+        );
+        let out = s.handle_local_frame(
+            t,
+            PA,
+            Bytes::from(arp_request(A, "10.0.0.10".parse().unwrap(), gw4, None)),
+        );
+        let [_, Action::Deliver { port: PA, frame }] = &out[..] else {
+            panic!("{out:?}")
+        };
+        let e = EthernetFrame::parse(frame).unwrap();
+        let arp = e.arp().unwrap().unwrap();
+        assert_eq!(
+            (e.dst(), e.src(), arp.op, arp.sha, arp.spa),
+            (A, GW, ArpOp::Reply, GW, gw4)
+        );
+        // NS for the gateway's link-local address.
+        let me: Ipv6Addr = "fe80::a".parse().unwrap();
+        let out =
+            s.handle_local_frame(t, PA, Bytes::from(neighbour_solicitation(A, me, gw6, None)));
+        let Some(Action::Deliver { port: PA, frame }) = out.last() else {
+            panic!("{out:?}")
+        };
+        let e = EthernetFrame::parse(frame).unwrap();
+        let nd = e.neighbour().unwrap().unwrap();
+        assert_eq!(
+            nd.kind,
+            NdKind::Advertisement {
+                router: true,
+                solicited: true,
+                override_: true
+            }
+        );
+        assert_eq!(
+            (e.dst(), nd.destination, nd.target, nd.link_layer),
+            (A, me, gw6, Some(GW))
+        );
+        // Traffic to the gateway MAC is routed out, not flooded.
+        let out = s.handle_local_frame(t, PA, data(GW, A, 7));
+        assert!(matches!(&out[..], [Action::RouteOut { .. }]));
+        // The router's answer comes back in and reaches A.
+        let out = s.handle_route_in(vni(), data(A, GW, 8));
+        assert_eq!(delivered(&out), vec![PA]);
+        assert_eq!(s.stats().gateway_replies, 2);
+    }
+
+    #[test]
+    fn arp_suppression_answers_from_the_registry() {
+        let t = Instant::now();
+        let mut s = switch("h");
+        s.set_arp_suppression(true);
+        s.handle_local_frame(
+            t,
+            PB,
+            Bytes::from(arp_request(
+                B,
+                "10.0.0.11".parse().unwrap(),
+                "10.0.0.1".parse().unwrap(),
+                None,
+            )),
+        );
+        let out = s.handle_local_frame(
+            t,
+            PA,
+            Bytes::from(arp_request(
+                A,
+                "10.0.0.10".parse().unwrap(),
+                "10.0.0.11".parse().unwrap(),
+                None,
+            )),
+        );
+        let [_, Action::Deliver { port: PA, frame }] = &out[..] else {
+            panic!("{out:?}")
+        };
+        let arp = EthernetFrame::parse(frame).unwrap().arp().unwrap().unwrap();
+        assert_eq!((arp.sha, arp.tha), (B, A));
+        assert_eq!(s.stats().arp_suppressed, 1);
+    }
+
+    #[test]
+    fn remote_frames_split_horizon_and_relay() {
+        let t = Instant::now();
+        let mut s = switch("old");
+        let r1 = HostId::new("r1");
+        assert_eq!(
+            drops(&s.handle_remote_frame(
+                &HostId::new("stranger"),
+                vni(),
+                Delivery::Flood,
+                0,
+                data(MacAddr::BROADCAST, MacAddr([2, 0, 0, 0, 0, 9]), 1)
+            )),
+            vec![DropReason::UnknownRemote]
+        );
+        // A broadcast from a peer reaches local ports only.
+        let out = s.handle_remote_frame(
+            &r1,
+            vni(),
+            Delivery::Flood,
+            0,
+            data(MacAddr::BROADCAST, MacAddr([2, 0, 0, 0, 0, 9]), 1),
+        );
+        assert_eq!(delivered(&out), vec![PA, PB]);
+        assert!(remote(&out).is_empty());
+        // A moved to r2.
+        s.handle_local_frame(t, PA, data(B, A, 0));
+        s.handle_update(
+            t,
+            &HostId::new("peer"),
+            &RegistryUpdate::Advertise(crate::registry::Advertisement {
+                vni: vni(),
+                mac: A,
+                host: HostId::new("r2"),
+                seq: 1,
+                ips: vec![],
+                sticky: false,
+            }),
+        );
+        // A unicast copy from r1 (which is behind) is relayed to r2, once.
+        let out = s.handle_remote_frame(
+            &r1,
+            vni(),
+            Delivery::Unicast,
+            0,
+            data(A, MacAddr([2, 0, 0, 0, 0, 9]), 2),
+        );
+        assert_eq!(remote(&out), vec![("r2".into(), Delivery::Relayed)]);
+        let out = s.handle_remote_frame(
+            &r1,
+            vni(),
+            Delivery::Relayed,
+            0,
+            data(A, MacAddr([2, 0, 0, 0, 0, 9]), 3),
+        );
+        assert_eq!(drops(&out), vec![DropReason::MovedAway]);
+        // A flood copy (r2 got its own) is not relayed, and nothing goes
+        // back to the site it came from.
+        let out = s.handle_remote_frame(
+            &r1,
+            vni(),
+            Delivery::Flood,
+            0,
+            data(A, MacAddr([2, 0, 0, 0, 0, 9]), 4),
+        );
+        assert_eq!(drops(&out), vec![DropReason::MovedAway]);
+        let out = s.handle_remote_frame(
+            &HostId::new("r2"),
+            vni(),
+            Delivery::Unicast,
+            0,
+            data(A, MacAddr([2, 0, 0, 0, 0, 9]), 5),
+        );
+        assert_eq!(drops(&out), vec![DropReason::MovedAway]);
+        assert_eq!(s.stats().relayed, 1);
+    }
+
+    #[test]
+    fn remove_port_withdraws_only_what_is_still_here() {
+        let t = Instant::now();
+        let mut s = switch("h");
+        s.handle_local_frame(t, PA, data(B, A, 0));
+        let out = s.remove_port(PA).unwrap();
+        assert!(matches!(&pushes(&out)[..], [RegistryUpdate::Withdraw { mac, .. }] if *mac == A));
+        // B never spoke, so there is no location to withdraw.
+        assert!(s.remove_port(PB).unwrap().is_empty());
+        assert!(matches!(
+            s.remove_port(PB),
+            Err(SwitchError::UnknownPort(_))
+        ));
+        assert!(matches!(s.add_port(PA, cfg(A), PortState::Open), Ok(())));
+        assert!(matches!(
+            s.add_port(PA, cfg(A), PortState::Open),
+            Err(SwitchError::DuplicatePort(_))
+        ));
+    }
+
+    #[test]
+    fn status_serialises() {
+        let t = Instant::now();
+        let mut s = switch("h");
+        s.handle_local_frame(t, PA, data(B, A, 0));
+        s.fence(PB).unwrap();
+        let j = serde_json::to_value(s.status(t)).unwrap();
+        assert_eq!(j["ports"][1]["state"], "fenced");
+        assert_eq!(j["locations"][0]["seq"], 0);
+        assert_eq!(j["locations"][0]["host"], "h");
+        assert_eq!(j["stats"]["fences"], 1);
+        assert_eq!(j["registry"]["entries"], 1);
+    }
 }
