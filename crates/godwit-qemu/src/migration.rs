@@ -25,16 +25,26 @@ use crate::QemuError;
 pub const MIGRATION_POLL_INTERVAL: Duration = Duration::from_millis(200);
 
 /// Capabilities godwit always sets on the source.
+///
+/// `x-ignore-shared` is cleared explicitly: capabilities stay set in a QEMU
+/// process, and one that received the guest by a same-host handover has
+/// it on. A migration to another host with it on would leave the guest's
+/// RAM behind. A handover sets it again as an extra capability.
 pub fn source_capabilities() -> Vec<MigrationCapabilityStatus> {
     vec![
         MigrationCapabilityStatus::new("events", true),
         MigrationCapabilityStatus::new("return-path", true),
+        MigrationCapabilityStatus::new("x-ignore-shared", false),
     ]
 }
 
-/// Capabilities godwit always sets on the destination.
+/// Capabilities godwit always sets on the destination (see
+/// [`source_capabilities`] for `x-ignore-shared`).
 pub fn destination_capabilities() -> Vec<MigrationCapabilityStatus> {
-    vec![MigrationCapabilityStatus::new("events", true)]
+    vec![
+        MigrationCapabilityStatus::new("events", true),
+        MigrationCapabilityStatus::new("x-ignore-shared", false),
+    ]
 }
 
 /// Destination: set capabilities (the defaults plus `extra`, which wins)

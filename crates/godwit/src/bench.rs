@@ -13,6 +13,8 @@
 //!   site state, against QEMU direct (`crate::bench_memory`).
 //! - `codec`: the wire cost of re-sent pages with small changes
 //!   (`crate::bench_codec`).
+//! - `local`: same-host handover against a copy into a new QEMU, per guest
+//!   RAM size (`crate::bench_local`).
 
 use std::time::Duration;
 
@@ -41,6 +43,8 @@ pub enum Suite {
     Memory,
     /// What a re-sent page with a small change costs (codec only).
     Codec,
+    /// Seed 001: same-host handover vs copy, per guest RAM size.
+    Local,
 }
 
 /// `godwit bench`.
@@ -91,6 +95,19 @@ pub struct BenchCmd {
     /// Cap per migration, s; a slower one counts as failed.
     #[arg(long, default_value_t = CAP_S)]
     cap_s: u64,
+    /// Guest RAM sizes (local suite), MiB.
+    #[arg(long, value_delimiter = ',')]
+    sizes: Option<Vec<u64>>,
+    /// Migrations per mode and size (local suite).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Skip the copy baseline (local suite).
+    #[arg(long)]
+    no_copy: bool,
+    /// Consecutive handovers of the smallest guest, each verified (local
+    /// suite).
+    #[arg(long, default_value_t = 20)]
+    series: usize,
     #[command(flatten)]
     transport: crate::bench_transport::TransportArgs,
 }
@@ -117,6 +134,18 @@ pub async fn run(c: BenchCmd, out: Out) -> Result<()> {
             crate::bench_transport::run(c.delays.clone(), c.rate, &c.transport, out).await?
         }
         Suite::Codec => crate::bench_codec::run()?,
+        Suite::Local => {
+            let suite = crate::bench_local::LocalSuite {
+                sizes_mib: c
+                    .sizes
+                    .clone()
+                    .unwrap_or_else(|| crate::bench_local::DEFAULT_SIZES_MIB.to_vec()),
+                runs: c.runs.max(1),
+                copy: !c.no_copy,
+                series: c.series,
+            };
+            crate::bench_local::run(&suite, out).await?
+        }
         Suite::Memory => {
             let suite = crate::bench_memory::MemorySuite {
                 delays_ms: c

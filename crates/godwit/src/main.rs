@@ -10,6 +10,7 @@
 
 mod bench;
 mod bench_codec;
+mod bench_local;
 mod bench_memory;
 mod bench_transport;
 mod cmd;

@@ -142,7 +142,7 @@ pub async fn prepare(
     let setup = async {
         vm.qmp(
             "migrate-set-capabilities",
-            serde_json::json!({"capabilities": [{"capability": "events", "state": true}]}),
+            serde_json::json!({"capabilities": godwit_qemu::migration::destination_capabilities()}),
         )
         .await?;
         vm.qmp("migrate-incoming", serde_json::json!({"uri": uri}))

@@ -248,17 +248,17 @@ async fn configure_qemu(
     vm: &VmHandle,
     params: &QemuParams,
 ) -> Result<(), MigrationError> {
-    let caps: Vec<Value> = [
-        ("events", true),
-        ("return-path", true),
-        ("auto-converge", agent.cfg.migration.auto_converge),
-        ("xbzrle", false),
-        ("multifd", false),
-        ("postcopy-ram", false),
-    ]
-    .iter()
-    .map(|(c, s)| json!({"capability": c, "state": s}))
-    .collect();
+    let mut caps = godwit_qemu::migration::source_capabilities();
+    caps.extend(
+        [
+            ("auto-converge", agent.cfg.migration.auto_converge),
+            ("xbzrle", false),
+            ("multifd", false),
+            ("postcopy-ram", false),
+        ]
+        .into_iter()
+        .map(|(c, s)| godwit_qmp::commands::MigrationCapabilityStatus::new(c, s)),
+    );
     vm.qmp("migrate-set-capabilities", json!({ "capabilities": caps }))
         .await?;
     let mut args = serde_json::Map::new();
