@@ -23,10 +23,12 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod cpu;
+pub mod evacuate;
 pub mod guest;
 pub mod memcodec;
 pub mod metrics;
 pub mod migration;
+pub mod pace;
 pub mod peer;
 pub mod relay;
 pub mod rpgate;
@@ -104,6 +106,8 @@ pub struct Agent {
     pub held_sockets: Mutex<Vec<tokio::net::UnixStream>>,
     /// The site's page store, unless disabled or unusable.
     pub site: Option<Arc<site::Site>>,
+    /// Maintenance mode and host evacuation.
+    pub evacuations: evacuate::Evacuations,
 }
 
 impl Agent {
@@ -220,6 +224,7 @@ pub async fn run(
     } else {
         None
     };
+    let state_dir_for_evacuations = cfg.state_dir.clone();
     let agent = Arc::new(Agent {
         site,
         peers: peer::Peers::new(cfg.name.clone(), transport.clone(), cfg.peers.clone()),
@@ -230,6 +235,7 @@ pub async fn run(
         metrics: metrics::Metrics::default(),
         fingerprint,
         held_sockets: Mutex::new(Vec::new()),
+        evacuations: evacuate::Evacuations::open(&state_dir_for_evacuations),
     });
 
     // Streams opened by peers.

@@ -15,6 +15,8 @@
 //!   (`crate::bench_codec`).
 //! - `local`: same-host handover against a copy into a new QEMU, per guest
 //!   RAM size (`crate::bench_local`).
+//! - `evacuate`: four guests moved off a host under a bandwidth budget
+//!   (`crate::bench_evacuate`).
 
 use std::time::Duration;
 
@@ -45,6 +47,8 @@ pub enum Suite {
     Codec,
     /// Seed 001: same-host handover vs copy, per guest RAM size.
     Local,
+    /// Seed 001: host evacuation under a bandwidth budget.
+    Evacuate,
 }
 
 /// `godwit bench`.
@@ -108,6 +112,12 @@ pub struct BenchCmd {
     /// suite).
     #[arg(long, default_value_t = 20)]
     series: usize,
+    /// Bandwidth budgets (evacuate suite), Mbit/s.
+    #[arg(long, value_delimiter = ',')]
+    budgets: Option<Vec<u64>>,
+    /// Migrations at once (evacuate suite).
+    #[arg(long, default_value_t = 2)]
+    parallel: usize,
     #[command(flatten)]
     transport: crate::bench_transport::TransportArgs,
 }
@@ -145,6 +155,17 @@ pub async fn run(c: BenchCmd, out: Out) -> Result<()> {
                 series: c.series,
             };
             crate::bench_local::run(&suite, out).await?
+        }
+        Suite::Evacuate => {
+            let suite = crate::bench_evacuate::EvacuateSuite {
+                budgets_mbit: c
+                    .budgets
+                    .clone()
+                    .unwrap_or_else(|| crate::bench_evacuate::DEFAULT_BUDGETS_MBIT.to_vec()),
+                parallel: c.parallel.max(1),
+                rate_bps: c.rate,
+            };
+            crate::bench_evacuate::run(&suite, out).await?
         }
         Suite::Memory => {
             let suite = crate::bench_memory::MemorySuite {

@@ -10,6 +10,7 @@
 
 mod bench;
 mod bench_codec;
+mod bench_evacuate;
 mod bench_local;
 mod bench_memory;
 mod bench_transport;
@@ -91,6 +92,10 @@ enum Command {
     /// Hand a running VM over to a new QEMU on this host (hypervisor
     /// upgrade or restart): guest RAM stays in place, only device state moves.
     Upgrade(cmd::migrate::UpgradeCmd),
+    /// Move every VM off a host under a bandwidth budget.
+    Evacuate(cmd::evacuate::EvacuateCmd),
+    /// Put a host in maintenance (no VM is placed or migrated onto it), or take it out.
+    Maintenance(cmd::evacuate::MaintenanceCmd),
     /// Show one migration (or all).
     Migration(cmd::migrate::ShowCmd),
     /// Manage trusted peer agents.
@@ -195,6 +200,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Guest(c) => cmd::vm::guest(c, &g, out).await,
         Command::Migrate(c) => cmd::migrate::run(c, &g, out).await,
         Command::Upgrade(c) => cmd::migrate::upgrade(c, &g, out).await,
+        Command::Evacuate(c) => cmd::evacuate::evacuate(c, &g, out).await,
+        Command::Maintenance(c) => cmd::evacuate::maintenance(c, &g, out).await,
         Command::Migration(c) => cmd::migrate::show(c, &g, out).await,
         Command::Peer(c) => cmd::agent::peer(c, &g, out).await,
         Command::Lab(c) => cmd::lab::run(c, out).await,

@@ -412,3 +412,71 @@ fn test_live_migration_cancel() {
     assert_memory_intact("a", "vm1");
     wait_no_vms("b", Duration::from_secs(30));
 }
+
+/// RAM files of the lab site `site`'s guests (the agent's `ram_dir`).
+fn ram_files(site: &str) -> Vec<String> {
+    let dir = format!("/dev/shm/godwit/lab-{site}");
+    let mut v: Vec<String> = std::fs::read_dir(&dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".ram"))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Same-host handovers (`godwit upgrade`): the new QEMU takes the RAM file
+/// over, nothing but device state moves, memory stays intact; a failed
+/// upgrade leaves the VM running in its QEMU; and a VM that was handed
+/// over still migrates to another site with all its memory.
+#[test]
+fn test_same_host_handover() {
+    let _g = LAB.lock().unwrap_or_else(|p| p.into_inner());
+    let _lab = Lab::up("0ms", "1000mbit");
+    let boot = boot_with_memdirty("vm1", "256", 64, 500);
+    assert_eq!(ram_files("a").len(), 1);
+    for i in 0..3 {
+        let lines = ok(&["--json", "--site", "a", "upgrade", "vm1"]);
+        let m = last_data(&lines, "summary");
+        assert_eq!(m["phase"], "completed", "{m}");
+        let r = &m["report"];
+        eprintln!("handover {i}: {r}");
+        assert_eq!(r["mode"], "handover", "{r}");
+        assert_eq!(r["local"]["ram_shared"], true, "{r}");
+        assert_eq!(r["wire_bytes"], 0, "{r}");
+        // Device state, ROMs and ACPI tables only: no guest RAM.
+        assert!(r["stream_bytes"].as_u64().unwrap() < 2 << 20, "{r}");
+        assert!(r["local"]["guest_pause_ms"].as_f64().is_some(), "{r}");
+        assert_runs_at("a", "vm1", &boot);
+        assert_memory_intact("a", "vm1");
+        // The old QEMU is gone and the one RAM file stays.
+        assert_eq!(ram_files("a").len(), 1, "{:?}", ram_files("a"));
+    }
+    // A new QEMU that cannot start: the VM keeps running where it was.
+    let out = godwit(&[
+        "--json",
+        "--site",
+        "a",
+        "upgrade",
+        "vm1",
+        "--qemu",
+        "/nonexistent/qemu-system-x86_64",
+    ]);
+    assert!(!out.status.success(), "an impossible upgrade succeeded");
+    let m = last_data(&json_lines(&out), "summary");
+    assert_eq!(m["phase"], "failed", "{m}");
+    assert_runs_at("a", "vm1", &boot);
+    assert_memory_intact("a", "vm1");
+    // The handed-over QEMU still migrates to another site with its RAM.
+    let m = last_data(
+        &ok(&["--json", "--site", "a", "migrate", "vm1", "--to", "b"]),
+        "summary",
+    );
+    assert_eq!(m["phase"], "completed", "{m}");
+    assert_runs_at("b", "vm1", &boot);
+    assert_memory_intact("b", "vm1");
+    assert!(ram_files("a").is_empty(), "{:?}", ram_files("a"));
+}

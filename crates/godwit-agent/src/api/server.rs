@@ -96,6 +96,11 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/migrations/{id}", get(show_migration))
         .route("/v1/migrations/{id}/cancel", post(cancel_migration))
         .route("/v1/peers", get(list_peers).post(add_peer))
+        .route("/v1/maintenance", post(set_maintenance))
+        .route(
+            "/v1/evacuation",
+            get(show_evacuation).post(start_evacuation),
+        )
         .route("/metrics", get(metrics))
         .layer(axum::middleware::from_fn_with_state(
             agent.clone(),
@@ -171,7 +176,51 @@ async fn status(State(a): State<Arc<Agent>>) -> ApiResult<AgentStatus> {
             .iter()
             .map(|j| j.info())
             .collect(),
+        maintenance: a.evacuations.maintenance(),
+        evacuation: a.evacuations.info(&a.cfg.name),
     }))
+}
+
+async fn set_maintenance(
+    State(a): State<Arc<Agent>>,
+    Json(req): Json<SetMaintenance>,
+) -> ApiResult<Value> {
+    a.evacuations.set_maintenance(req.on).map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            crate::error_chain(&e),
+        )
+    })?;
+    Ok(Json(json!({"host": a.cfg.name, "maintenance": req.on})))
+}
+
+async fn show_evacuation(
+    State(a): State<Arc<Agent>>,
+) -> ApiResult<crate::evacuate::EvacuationInfo> {
+    a.evacuations.info(&a.cfg.name).map(Json).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no evacuation on this host",
+        )
+    })
+}
+
+async fn start_evacuation(
+    State(a): State<Arc<Agent>>,
+    Json(req): Json<crate::evacuate::StartEvacuation>,
+) -> ApiResult<crate::evacuate::EvacuationInfo> {
+    use crate::evacuate::EvacuationError as E;
+    crate::evacuate::start(&a, req).map(Json).map_err(|e| {
+        let (status, code) = match &e {
+            E::Running => (StatusCode::CONFLICT, "busy"),
+            E::NothingToResume => (StatusCode::NOT_FOUND, "not_found"),
+            E::Invalid(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            E::Persist { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        ApiError::new(status, code, crate::error_chain(&e))
+    })
 }
 
 async fn list_vms(State(a): State<Arc<Agent>>) -> ApiResult<Vec<VmInfo>> {
@@ -183,6 +232,13 @@ async fn list_vms(State(a): State<Arc<Agent>>) -> ApiResult<Vec<VmInfo>> {
 }
 
 async fn create_vm(State(a): State<Arc<Agent>>, Json(req): Json<CreateVm>) -> ApiResult<VmInfo> {
+    if a.evacuations.maintenance() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "maintenance",
+            format!("host {} is in maintenance: it takes no new VM", a.cfg.name),
+        ));
+    }
     let machine = a.vms.resolve_machine(&req.machine).await?;
     let disk = req.disk.map(|path| {
         let format = if path.extension().is_some_and(|e| e == "qcow2") {

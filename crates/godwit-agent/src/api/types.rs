@@ -501,6 +501,20 @@ pub struct AgentStatus {
     pub vms: Vec<VmInfo>,
     /// Migrations known to this agent.
     pub migrations: Vec<MigrationInfo>,
+    /// Whether the host is in maintenance (takes no new VM).
+    #[serde(default)]
+    pub maintenance: bool,
+    /// The current or last evacuation of this host.
+    #[serde(default)]
+    pub evacuation: Option<crate::evacuate::EvacuationInfo>,
+}
+
+/// `POST /v1/maintenance`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetMaintenance {
+    /// On or off.
+    pub on: bool,
 }
 
 /// A peer as the API shows it.

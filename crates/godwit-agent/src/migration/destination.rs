@@ -94,6 +94,12 @@ pub async fn prepare(
     vm: serde_json::Value,
     direct: bool,
 ) -> ControlResponse {
+    if agent.evacuations.maintenance() {
+        return error(
+            ErrorCode::Refused,
+            format!("host {} is in maintenance: it takes no VM", agent.cfg.name),
+        );
+    }
     let spec: VmSpec = match serde_json::from_value(vm) {
         Ok(s) => s,
         Err(e) => return error(ErrorCode::BadRequest, format!("VM spec: {e}")),

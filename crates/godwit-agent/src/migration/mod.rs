@@ -122,6 +122,8 @@ pub struct MigrationJob {
     pub transport_bytes: std::sync::atomic::AtomicU64,
     /// The sender's CPU meter, once QEMU was told to migrate.
     pub sender_cpu: Mutex<Option<crate::cpu::SenderCpu>>,
+    /// Bandwidth budget shared with other migrations (an evacuation).
+    pub budget: Option<Arc<crate::pace::RateBudget>>,
     state: Mutex<JobState>,
 }
 
@@ -147,6 +149,7 @@ impl MigrationJob {
             cancel: tokio::sync::watch::channel(None).0,
             transport_bytes: std::sync::atomic::AtomicU64::new(0),
             sender_cpu: Mutex::new(None),
+            budget: None,
             state: Mutex::new(JobState {
                 phase: MigrationPhase::Preparing,
                 progress: MigrationProgress::default(),

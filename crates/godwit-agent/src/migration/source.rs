@@ -63,6 +63,16 @@ pub async fn start(
     agent: &Arc<Agent>,
     req: StartMigration,
 ) -> Result<Arc<MigrationJob>, MigrationError> {
+    start_with_budget(agent, req, None).await
+}
+
+/// Like [`start`], with the WAN bytes paced by a budget shared with other
+/// migrations (an evacuation).
+pub async fn start_with_budget(
+    agent: &Arc<Agent>,
+    req: StartMigration,
+    budget: Option<Arc<crate::pace::RateBudget>>,
+) -> Result<Arc<MigrationJob>, MigrationError> {
     if super::local::is_this_host(agent, &req.to) {
         return super::local::start(agent, req).await;
     }
@@ -82,6 +92,7 @@ pub async fn start(
         peer.site.clone(),
     );
     job.direct = req.direct;
+    job.budget = budget;
     let job = Arc::new(job);
     agent.migrations.add_outgoing(job.clone());
     agent.metrics.migrations_started.inc();
@@ -604,6 +615,8 @@ async fn transfer(
     // socket exactly then, QEMU would block on the write still holding the
     // lock, and the switch-over would crawl.
     let stats = job.relay.clone();
+    // An evacuation's migrations share one bandwidth budget.
+    let send = crate::pace::PacedWriter::new(send, job.budget.clone());
     let mut relay = tokio::spawn(async move {
         let r = run_source(
             &mut qemu,

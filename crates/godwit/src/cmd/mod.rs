@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod demo;
+pub mod evacuate;
 pub mod lab;
 pub mod migrate;
 pub mod vm;
