@@ -49,6 +49,8 @@ struct Sample {
     guest_ping_interval_ms: Option<f64>,
     cpu_s: Option<f64>,
     stream_bytes: f64,
+    launch_ms: f64,
+    transfer_ms: f64,
 }
 
 /// Runs the suite on a fresh two-site lab (only site `a` is used).
@@ -135,6 +137,8 @@ async fn once(a: &ApiClient, me: &str, copy: bool) -> Result<Result<Sample, Stri
         guest_ping_interval_ms: l.guest_ping_interval_ms,
         cpu_s: r.sender_cpu_s,
         stream_bytes: r.stream_bytes as f64,
+        launch_ms: l.launch_ms,
+        transfer_ms: l.transfer_ms,
     }))
 }
 
@@ -191,6 +195,9 @@ fn row(copy: bool, mib: u64, dirty: u64, s: &[Sample], failed: &[String], errors
         "first_failure": failed.first(),
         "memory_errors": errors,
         "total_ms": median(col(|x| Some(x.total_ms))),
+        "total_max_ms": max(&col(|x| Some(x.total_ms))),
+        "launch_ms": median(col(|x| Some(x.launch_ms))),
+        "transfer_ms": median(col(|x| Some(x.transfer_ms))),
         "pause_ms": median(pause.clone()),
         "pause_max_ms": max(&pause),
         "stop_to_resume_ms": median(col(|x| x.stop_to_resume_ms)),
