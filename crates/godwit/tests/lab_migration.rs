@@ -436,7 +436,31 @@ fn ram_files(site: &str) -> Vec<String> {
 fn test_same_host_handover() {
     let _g = LAB.lock().unwrap_or_else(|p| p.into_inner());
     let _lab = Lab::up("0ms", "1000mbit");
-    let boot = boot_with_memdirty("vm1", "256", 64, 500);
+    // A disk the guest keeps writing and checking across every handover.
+    let disk = std::env::temp_dir().join(format!("godwit-handover-{}.raw", std::process::id()));
+    std::fs::write(&disk, vec![0u8; 16 << 20]).expect("creating the test disk");
+    let disk_s = disk.to_string_lossy().into_owned();
+    ok(&[
+        "--json", "--site", "a", "vm", "create", "vm1", "--memory", "256", "--disk", &disk_s,
+        "--wait",
+    ]);
+    let started = guest(
+        "a",
+        "vm1",
+        json!({"cmd": "memdirty_start", "mib": 64, "rate_pages_per_s": 500, "pattern": "random"}),
+    );
+    assert_eq!(started["report"], "ack", "{started}");
+    let started = guest(
+        "a",
+        "vm1",
+        json!({"cmd": "diskio_start", "device": "/dev/vda", "mib": 16, "mode": "randrw", "block_kib": 4}),
+    );
+    assert_eq!(started["report"], "ack", "{started}");
+    let info = last_data(&ok(&["--json", "--site", "a", "vm", "show", "vm1"]), "vm");
+    let boot = info["guest"]["boot_id"]
+        .as_str()
+        .expect("boot id")
+        .to_owned();
     assert_eq!(ram_files("a").len(), 1);
     for i in 0..3 {
         let lines = ok(&["--json", "--site", "a", "upgrade", "vm1"]);
@@ -455,6 +479,16 @@ fn test_same_host_handover() {
         // The old QEMU is gone and the one RAM file stays.
         assert_eq!(ram_files("a").len(), 1, "{:?}", ram_files("a"));
     }
+    // Every block the guest wrote before and across the handovers reads back.
+    let stopped = guest("a", "vm1", json!({"cmd": "diskio_stop"}));
+    assert_eq!(stopped["report"], "ack", "{stopped}");
+    let v = guest(
+        "a",
+        "vm1",
+        json!({"cmd": "diskio_verify", "device": "/dev/vda"}),
+    );
+    assert_eq!(v["report"], "verify", "{v}");
+    assert_eq!(v["errors"], 0, "disk errors after handovers: {v}");
     // A new QEMU that cannot start: the VM keeps running where it was.
     let out = godwit(&[
         "--json",
@@ -479,4 +513,5 @@ fn test_same_host_handover() {
     assert_runs_at("b", "vm1", &boot);
     assert_memory_intact("b", "vm1");
     assert!(ram_files("a").is_empty(), "{:?}", ram_files("a"));
+    let _ = std::fs::remove_file(&disk);
 }

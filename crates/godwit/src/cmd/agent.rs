@@ -128,6 +128,19 @@ pub async fn status(g: &Global, out: Out) -> Result<()> {
             "agent {} (site {}) godwit {}  accel {}  listen {}\nfingerprint {}\n",
             st.name, st.site, st.version, st.accel, st.listen, st.fingerprint
         );
+        if st.maintenance {
+            s.push_str("MAINTENANCE: this host takes no new VM\n");
+        }
+        if let Some(e) = &st.evacuation {
+            s.push_str(&format!(
+                "evacuation: {} of {} VMs moved, {} failed, {}{}\n",
+                e.completed,
+                e.vms.len(),
+                e.failed,
+                crate::output::ms(e.elapsed_ms),
+                if e.finished { "" } else { " (running)" }
+            ));
+        }
         s.push_str(&peer_table(&st.peers));
         s.push_str(&format!("VMs: {}\n", st.vms.len()));
         for v in &st.vms {
