@@ -16,14 +16,17 @@ use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWrite;
 
-/// Share of the budget given to the relay's frames: QUIC and UDP/IP
-/// headers, acknowledgements and the odd retransmission ride on top of the
-/// frame bytes (about 3 % measured on the lab's links), and the budget is
-/// what the network sees.
-pub const PAYLOAD_SHARE: f64 = 0.95;
+/// Share of the budget given to the relay's frames: QUIC, UDP and IP
+/// headers, the control traffic of the same connection and the odd
+/// retransmission ride on top of the frame bytes, and the budget is what
+/// the network sees. Measured in the lab (`godwit bench evacuate`): the
+/// link carried 5.6 % (50 Mbit/s) to 8.5 % (25 Mbit/s) more than the
+/// frames, so 95 % overshot a 25 Mbit/s budget by 5 %.
+pub const PAYLOAD_SHARE: f64 = 0.90;
 /// Largest burst above the rate: a few ms of sending at the rate, so a
-/// one-second view of the link never exceeds the budget noticeably.
-pub const BURST: Duration = Duration::from_millis(20);
+/// one-second view of the link never exceeds the budget noticeably (a
+/// burst is at most 1 % of a second).
+pub const BURST: Duration = Duration::from_millis(10);
 /// Bytes reserved per write at most, so concurrent writers interleave
 /// finely instead of one reserving seconds of budget at once.
 pub const MAX_GRANT: usize = 64 * 1024;
@@ -136,14 +139,14 @@ mod tests {
 
     #[test]
     fn reservations_follow_the_rate_after_the_burst() {
-        // 8 Mbit/s on the network: 950 000 frame bytes per second.
+        // 8 Mbit/s on the network: 900 000 frame bytes per second.
         let b = RateBudget::new(8_000_000);
         let t0 = Instant::now();
         let mut waited = Duration::ZERO;
         for _ in 0..100 {
-            waited = b.reserve(9_500, t0);
+            waited = b.reserve(9_000, t0);
         }
-        // 950 000 bytes reserved at once: the last waits ~1 s minus the burst.
+        // 900 000 bytes reserved at once: the last waits ~1 s minus the burst.
         let expect = Duration::from_secs(1) - BURST;
         assert!(
             waited.abs_diff(expect) < Duration::from_millis(2),
@@ -159,7 +162,7 @@ mod tests {
         b.reserve(1000, t0);
         // Ten idle seconds later a large write still pays for itself.
         let later = t0 + Duration::from_secs(10);
-        let w = b.reserve(950_000, later);
+        let w = b.reserve(900_000, later);
         assert!(w > Duration::from_millis(900), "{w:?}");
     }
 
@@ -189,12 +192,12 @@ mod tests {
         let budget = Arc::new(RateBudget::new(8_000_000));
         let mut w = PacedWriter::new(Vec::new(), Some(budget));
         let t0 = tokio::time::Instant::now();
-        let data = vec![7u8; 475_000];
+        let data = vec![7u8; 450_000];
         w.write_all(&data).await.unwrap();
         let took = t0.elapsed();
-        // 475 000 bytes at 950 000 B/s: 0.5 s, less the burst.
+        // 450 000 bytes at 900 000 B/s: 0.5 s, less the burst.
         assert!(
-            took.abs_diff(Duration::from_millis(480)) < Duration::from_millis(5),
+            took.abs_diff(Duration::from_millis(490)) < Duration::from_millis(5),
             "{took:?}"
         );
         assert_eq!(w.inner, data);
