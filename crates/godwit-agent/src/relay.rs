@@ -104,6 +104,10 @@ pub struct RelayStats {
     pub window: AtomicU64,
     /// Bytes sent and not yet acknowledged (source only).
     pub outstanding: AtomicU64,
+    /// Set by the convergence controller when the switch-over is near: the
+    /// window stops probing, so no backlog the guest's pause would wait for
+    /// builds up (source only).
+    pub drain: std::sync::atomic::AtomicBool,
     /// What the page-aware codec did (source only; set when the relay
     /// ends).
     pub codec: std::sync::Mutex<Option<crate::api::types::MemoryCodecReport>>,
@@ -301,6 +305,9 @@ where
     let mut last_progress = (Instant::now(), 0u64);
     window.handle_rtt(rtt());
     let result = 'relay: loop {
+        if stats.drain.load(Ordering::Relaxed) {
+            window.set_draining();
+        }
         // Send what the codec has ready, as far as the window allows;
         // priority frames (answers the destination waits for) always go.
         while let Some(priority) = out.peek_priority() {

@@ -34,6 +34,10 @@ pub const MIN_WINDOW: u64 = 256 << 10;
 pub const MAX_WINDOW: u64 = 256 << 20;
 /// Growth factor over the measured bandwidth-delay product.
 pub const GAIN: f64 = 1.5;
+/// Gain while draining before switch-over ([`RelayWindow::set_draining`]):
+/// the window holds the path's bandwidth-delay product and no backlog, so
+/// when QEMU stops the guest nothing waits in a queue behind the last pass.
+pub const DRAIN_GAIN: f64 = 1.0;
 /// Extra time allowed for acknowledgement batching at the receiver.
 pub const ACK_ALLOWANCE: Duration = Duration::from_millis(10);
 /// Shortest span a delivery-rate sample covers. Each sample spans at least
@@ -70,6 +74,8 @@ pub struct RelayWindow {
     history: VecDeque<(Instant, u64)>,
     /// (time, bytes/s) samples, newest last.
     rates: VecDeque<(Instant, f64)>,
+    /// [`GAIN`], or [`DRAIN_GAIN`] once draining.
+    gain: f64,
 }
 
 impl Default for RelayWindow {
@@ -87,6 +93,7 @@ impl RelayWindow {
             min_rtt: None,
             history: VecDeque::new(),
             rates: VecDeque::new(),
+            gain: GAIN,
         }
     }
 
@@ -165,11 +172,17 @@ impl RelayWindow {
     pub fn window(&self) -> u64 {
         match (self.max_rate(), self.min_rtt) {
             (Some(rate), Some(rtt)) if rate > 0.0 => {
-                let bdp = rate * (rtt + ACK_ALLOWANCE).as_secs_f64() * GAIN;
+                let bdp = rate * (rtt + ACK_ALLOWANCE).as_secs_f64() * self.gain;
                 (bdp as u64).clamp(MIN_WINDOW, MAX_WINDOW)
             }
             _ => INITIAL_WINDOW,
         }
+    }
+
+    /// Stops probing for more bandwidth (see [`DRAIN_GAIN`]); the switch-over
+    /// is near. The rate estimate keeps the pipe full.
+    pub fn set_draining(&mut self) {
+        self.gain = DRAIN_GAIN;
     }
 
     /// How many more bytes may be sent now.
@@ -198,45 +211,60 @@ mod tests {
         assert!(w.handle_ack(t, 40).is_err());
     }
 
-    /// Simulates a path of fixed rate and RTT with a sender that always has
-    /// data: the window must converge near GAIN × BDP, never below the BDP
+    /// A path of fixed `rate` (bytes/s) and `rtt` with a sender that always
+    /// has data, for `steps` × 5 ms; drains from step `drain_at` on.
+    /// Returns the window and the throughput over the second half.
+    fn simulate(rate: f64, rtt: Duration, steps: usize, drain_at: Option<usize>) -> (u64, f64) {
+        let mut w = RelayWindow::new();
+        let t0 = Instant::now();
+        let step = Duration::from_millis(5);
+        // Bytes in flight, with the time they will be acknowledged.
+        let mut inflight: VecDeque<(Instant, u64)> = VecDeque::new();
+        let mut link_free = t0;
+        let mut acked = 0u64;
+        let mut now = t0;
+        let mut half = (t0, 0u64);
+        for i in 0..steps {
+            if i == steps / 2 {
+                half = (now, acked);
+            }
+            if Some(i) == drain_at {
+                w.set_draining();
+            }
+            now += step;
+            w.handle_rtt(rtt);
+            while let Some(&(t, n)) = inflight.front() {
+                if t <= now {
+                    acked += n;
+                    inflight.pop_front();
+                } else {
+                    break;
+                }
+            }
+            w.handle_ack(now, acked).unwrap();
+            const CHUNK: u64 = 64 << 10;
+            while w.available() >= CHUNK {
+                // The bottleneck serialises at `rate`.
+                let start = link_free.max(now);
+                let done = start + Duration::from_secs_f64(CHUNK as f64 / rate);
+                link_free = done;
+                inflight.push_back((done + rtt, CHUNK));
+                w.handle_sent(CHUNK);
+            }
+        }
+        let thr = (acked - half.1) as f64 / now.duration_since(half.0).as_secs_f64();
+        (w.window(), thr)
+    }
+
+    /// The window must converge near GAIN × BDP, never below the BDP
     /// (which would starve the link) and never far above it.
     #[test]
     fn converges_to_the_bandwidth_delay_product() {
         for (rate, rtt_ms) in [(12.5e6, 260u64), (12.5e6, 1), (125e6, 100)] {
             let rtt = Duration::from_millis(rtt_ms);
-            let mut w = RelayWindow::new();
-            let t0 = Instant::now();
-            let step = Duration::from_millis(5);
-            // Bytes in flight, with the time they will be acknowledged.
-            let mut inflight: VecDeque<(Instant, u64)> = VecDeque::new();
-            let mut link_free = t0;
-            let mut acked = 0u64;
-            let mut now = t0;
-            for _ in 0..4000 {
-                now += step;
-                w.handle_rtt(rtt);
-                while let Some(&(t, n)) = inflight.front() {
-                    if t <= now {
-                        acked += n;
-                        inflight.pop_front();
-                    } else {
-                        break;
-                    }
-                }
-                w.handle_ack(now, acked).unwrap();
-                const CHUNK: u64 = 64 << 10;
-                while w.available() >= CHUNK {
-                    // The bottleneck serialises at `rate`.
-                    let start = link_free.max(now);
-                    let done = start + Duration::from_secs_f64(CHUNK as f64 / rate);
-                    link_free = done;
-                    inflight.push_back((done + rtt, CHUNK));
-                    w.handle_sent(CHUNK);
-                }
-            }
+            let (win, thr) = simulate(rate, rtt, 4000, None);
             let bdp = rate * (rtt + ACK_ALLOWANCE).as_secs_f64();
-            let win = w.window() as f64;
+            let win = win as f64;
             assert!(
                 win >= (bdp).min(MAX_WINDOW as f64).max(MIN_WINDOW as f64) * 0.99,
                 "rate {rate} rtt {rtt_ms}: window {win} below bdp {bdp}"
@@ -246,10 +274,27 @@ mod tests {
                 "rate {rate} rtt {rtt_ms}: window {win} far above bdp {bdp}"
             );
             // And the achieved throughput is close to the link rate.
-            let elapsed = now.duration_since(t0).as_secs_f64();
-            let thr = acked as f64 / elapsed;
             assert!(
                 thr > rate * 0.85,
+                "rate {rate} rtt {rtt_ms}: throughput {thr}"
+            );
+        }
+    }
+
+    /// Draining keeps the link full with a window of one BDP: no backlog.
+    #[test]
+    fn draining_holds_the_bdp_and_the_rate() {
+        for (rate, rtt_ms) in [(12.5e6, 520u64), (12.5e6, 160)] {
+            let rtt = Duration::from_millis(rtt_ms);
+            let (win, thr) = simulate(rate, rtt, 4000, Some(1000));
+            let bdp = rate * (rtt + ACK_ALLOWANCE).as_secs_f64();
+            let win = win as f64;
+            assert!(
+                (bdp * 0.99..=bdp * 1.1).contains(&win),
+                "rate {rate} rtt {rtt_ms}: window {win} vs bdp {bdp}"
+            );
+            assert!(
+                thr > rate * 0.95,
                 "rate {rate} rtt {rtt_ms}: throughput {thr}"
             );
         }

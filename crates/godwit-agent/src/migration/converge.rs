@@ -73,6 +73,11 @@ pub const GATE_CLOSED_LIMIT: Duration = Duration::from_millis(1);
 /// effective rate within this many budgets: QEMU then stops within the
 /// next pass, with at most that much left.
 pub const GATE_FACTOR: f64 = 1.5;
+/// The relay starts draining its backlog (see [`Converge::near_switchover`])
+/// once the dirty set of the last sync is within this many gate sizes: a
+/// pass or two before QEMU may stop, so the backlog (half a round trip at
+/// the window's probing gain) is gone when it does.
+pub const DRAIN_FACTOR: f64 = 4.0;
 
 /// A recomputed `downtime-limit` is sent to QEMU only when it differs from
 /// the one QEMU has by at least this much (and by
@@ -502,6 +507,20 @@ impl Converge {
     /// the WAN's share), as last computed.
     pub fn open_limit(&self) -> Option<Duration> {
         self.open_limit
+    }
+
+    /// Whether the switch-over is near: the gate is open, or the dirty set
+    /// of the last sync is within [`DRAIN_FACTOR`] gate sizes.
+    pub fn near_switchover(&self) -> bool {
+        if self.gate_open {
+            return true;
+        }
+        match (self.effective.value, self.sync_pending, self.open_limit) {
+            (Some(bw), Some(p), Some(limit)) if bw > 0.0 => {
+                p as f64 <= DRAIN_FACTOR * GATE_FACTOR * bw * limit.as_secs_f64()
+            }
+            _ => false,
+        }
     }
 
     /// The current estimates and predictions.

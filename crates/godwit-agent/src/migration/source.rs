@@ -652,6 +652,9 @@ async fn transfer(
                     for a in conv.observe(sample) {
                         apply_action(vm, &a).await;
                     }
+                    if conv.near_switchover() && !job.relay.drain.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        debug!("switch-over near: the relay drains its backlog");
+                    }
                     let e = conv.estimates();
                     debug!(
                         effective_mbit = e.effective_bytes_per_s.unwrap_or(0.0) * 8e-6,
