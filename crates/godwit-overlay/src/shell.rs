@@ -64,7 +64,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, trace, warn};
@@ -1134,6 +1134,7 @@ mod tests {
     use crate::frame::{arp_request, EthernetFrame};
     use std::net::Ipv4Addr;
     use std::sync::Mutex;
+    use tokio::net::UnixStream;
 
     /// Records what the switch sends to peers.
     #[derive(Default)]
