@@ -54,7 +54,6 @@ use crate::switch::{
 use crate::vxlan::{self, Vni};
 use bytes::{Bytes, BytesMut};
 use std::collections::{BTreeMap, HashMap};
-use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::FileTypeExt;
@@ -1087,42 +1086,40 @@ impl RemoteTransport for VxlanTransport {
 impl VxlanReceiver {
     /// Receives datagrams and hands their frames to `sink` until the switch
     /// stops (then `Ok`) or the socket fails. Needs a tokio runtime.
-    pub fn run(self, sink: RemoteSink) -> impl Future<Output = Result<(), OverlayError>> + Send {
-        async move {
-            let local = self
-                .socket
-                .local_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_default();
-            let udp_err = |source| OverlayError::Udp {
-                addr: local.clone(),
-                source,
+    pub async fn run(self, sink: RemoteSink) -> Result<(), OverlayError> {
+        let local = self
+            .socket
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let udp_err = |source| OverlayError::Udp {
+            addr: local.clone(),
+            source,
+        };
+        let socket = tokio::net::UdpSocket::from_std(self.socket).map_err(udp_err)?;
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        loop {
+            let (n, from) = socket.recv_from(&mut buf).await.map_err(udp_err)?;
+            bump(&self.counters.received);
+            let Some(site) = self.by_ip.get(&from.ip().to_canonical()) else {
+                bump(&self.counters.unknown_peer);
+                debug!(%from, "VXLAN datagram from an unknown peer");
+                continue;
             };
-            let socket = tokio::net::UdpSocket::from_std(self.socket).map_err(udp_err)?;
-            let mut buf = vec![0u8; MAX_DATAGRAM];
-            loop {
-                let (n, from) = socket.recv_from(&mut buf).await.map_err(udp_err)?;
-                bump(&self.counters.received);
-                let Some(site) = self.by_ip.get(&from.ip().to_canonical()) else {
-                    bump(&self.counters.unknown_peer);
-                    debug!(%from, "VXLAN datagram from an unknown peer");
+            // Within `buf`: recv_from returned at most its length.
+            let pkt = match vxlan::decode(&buf[..n]) {
+                Ok(p) => p,
+                Err(e) => {
+                    bump(&self.counters.malformed);
+                    debug!(%from, cause = %e, "bad VXLAN datagram");
                     continue;
-                };
-                // Within `buf`: recv_from returned at most its length.
-                let pkt = match vxlan::decode(&buf[..n]) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        bump(&self.counters.malformed);
-                        debug!(%from, cause = %e, "bad VXLAN datagram");
-                        continue;
-                    }
-                };
-                let frame = Bytes::copy_from_slice(pkt.inner);
-                match sink.deliver(site.clone(), pkt.vni, Delivery::Flood, u64::MAX, frame) {
-                    Ok(()) => {}
-                    Err(OverlayError::Backlogged) => bump(&self.counters.backlogged),
-                    Err(_) => return Ok(()),
                 }
+            };
+            let frame = Bytes::copy_from_slice(pkt.inner);
+            match sink.deliver(site.clone(), pkt.vni, Delivery::Flood, u64::MAX, frame) {
+                Ok(()) => {}
+                Err(OverlayError::Backlogged) => bump(&self.counters.backlogged),
+                Err(_) => return Ok(()),
             }
         }
     }
