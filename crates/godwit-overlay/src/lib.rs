@@ -10,10 +10,11 @@
 //! guest's addresses. There is no home agent and no triangle routing; the
 //! gateway is distributed (same IP and MAC at every site).
 //!
-//! This crate is the sans-IO core: parsers, codecs and state machines that
-//! take bytes and `now` and return actions. The shell (QEMU stream sockets,
-//! TAP, QUIC datagrams, the VXLAN UDP socket, the control channel, a timer)
-//! lives in the agent.
+//! The core is sans-IO: parsers, codecs and state machines that take bytes
+//! and `now` and return actions. The [`shell`] (feature `tokio`, on by
+//! default) runs the switch in a task with QEMU stream sockets, the VXLAN
+//! UDP socket and a timer; the agent adds the QUIC-datagram transport and
+//! the control channel that carries registry updates.
 //!
 //! # Layout
 //! - [`frame`]: Ethernet/802.1Q views, ARP/RARP, IPv4/IPv6 sources,
@@ -26,11 +27,15 @@
 //! - [`switch`]: the agent's L2 switch, the distributed gateway, the
 //!   switchover API (`fence`, `claim`, `open`) and the announcer.
 //! - [`dedup`]: why no frame is delivered twice across a switchover.
+//! - [`shell`] (feature `tokio`): [`OverlaySwitch`], the driver task, its
+//!   QEMU stream ports, the [`RemoteTransport`] trait and [`VxlanTransport`].
 #![warn(missing_docs)]
 
 pub mod dedup;
 pub mod frame;
 pub mod registry;
+#[cfg(feature = "tokio")]
+pub mod shell;
 pub mod stream;
 pub mod switch;
 pub mod vxlan;
@@ -38,6 +43,12 @@ pub mod vxlan;
 pub use frame::{EthernetFrame, FrameError, MacAddr};
 pub use registry::{
     Advertisement, Applied, HostId, Location, Registry, RegistryError, RegistryUpdate,
+};
+#[cfg(feature = "tokio")]
+pub use shell::{
+    OverlayError, OverlayEvent, OverlayHandle, OverlayOutputs, OverlayStatus, OverlaySwitch,
+    RemoteSink, RemoteTransport, RoutedFrame, ShellStats, VxlanConfig, VxlanReceiver, VxlanStats,
+    VxlanTransport,
 };
 pub use stream::{StreamCodec, StreamDecoder, StreamError, MAX_STREAM_FRAME_LEN};
 pub use switch::{

@@ -1,0 +1,1408 @@
+//! The tokio shell around [`Switch`]: QEMU stream ports, the overlay
+//! transport, the command channel and the timer.
+//!
+//! This module owns every socket and task of the overlay; the switch itself
+//! stays sans-IO. One driver task ([`OverlaySwitch`]) owns the [`Switch`]
+//! and is the only place that calls it, so no lock is involved:
+//!
+//! ```mermaid
+//! flowchart LR
+//!     Q1[QEMU 1] -- unix stream --> A1[port 1 tasks]
+//!     Q2[QEMU 2] -- unix stream --> A2[port 2 tasks]
+//!     A1 -- Input --> D[driver: Switch]
+//!     A2 -- Input --> D
+//!     R[VxlanReceiver / QUIC] -- RemoteSink --> D
+//!     H[OverlayHandle] -- Command --> D
+//!     D -- Deliver --> A1
+//!     D -- SendRemote --> T[RemoteTransport]
+//!     D -- OverlayEvent --> E[agent: control plane]
+//! ```
+//!
+//! # Ports
+//!
+//! A guest NIC is a QEMU 7.2 `-netdev stream,server=off,addr.type=unix`
+//! client (see `godwit-qemu`'s `args.rs`): the agent listens on the port's
+//! unix socket and QEMU connects. Each connection carries
+//! [`crate::stream`] records both ways. A new connection on the same path
+//! replaces the current one (QEMU restarted, or a new QEMU took over on a
+//! same-host handover): frames for the port go to the newest connection
+//! only, and the old one is closed.
+//!
+//! # Remotes
+//!
+//! A [`RemoteTransport`] sends frames to peer sites; frames from peers come
+//! back through a [`RemoteSink`]. [`VxlanTransport`] is the plain RFC 7348
+//! transport that interoperates with a Linux `vxlan` device; the encrypted
+//! QUIC-datagram transport implements the same trait in the agent.
+//!
+//! # Back-pressure
+//!
+//! A port reader waits when the driver is behind, which stops reading from
+//! QEMU, which makes QEMU queue in the guest NIC: the same back-pressure a
+//! TAP device gives. Everything towards a guest or a peer is datagram-like
+//! and is dropped (and counted) when its queue is full, because a stalled
+//! guest (paused for the switchover, reference §1.4) must not stall the
+//! switch for everyone else.
+
+use crate::frame::MacAddr;
+use crate::registry::{HostId, RegistryUpdate};
+use crate::stream::{StreamCodec, StreamDecoder};
+use crate::switch::{
+    Action, Delivery, GatewayConfig, PortConfig, PortId, PortState, Switch, SwitchError,
+    SwitchStatus,
+};
+use crate::vxlan::{self, Vni};
+use bytes::{Bytes, BytesMut};
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, trace, warn};
+
+/// Frames queued towards one QEMU connection. QEMU stops reading while its
+/// VM is paused (reference §1.4); past this many frames the rest are
+/// dropped rather than delivered stale at resume.
+pub const PORT_TX_QUEUE: usize = 256;
+/// Frames from ports and peers waiting for the driver. Port readers wait
+/// when it is full (back-pressure to QEMU); peers' frames are dropped.
+pub const INPUT_QUEUE: usize = 1024;
+/// Commands waiting for the driver; callers wait when it is full.
+pub const COMMAND_QUEUE: usize = 64;
+/// Routed frames waiting for the router; more are dropped.
+pub const ROUTE_QUEUE: usize = 256;
+/// Bytes read from a QEMU connection at a time: one maximal stream record
+/// fits, so a big frame needs few reads.
+pub const PORT_READ_BUF: usize = 64 * 1024;
+/// Pause after a failed `accept` (e.g. out of file descriptors), so the
+/// listener does not spin.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Largest UDP payload received: the IPv4 maximum, so no VXLAN datagram is
+/// ever truncated.
+pub const MAX_DATAGRAM: usize = 65_535;
+/// Send sockets used by default to spread flows over source ports (see
+/// [`VxlanConfig::source_sockets`]).
+pub const DEFAULT_SOURCE_SOCKETS: usize = 4;
+/// Upper bound on [`VxlanConfig::source_sockets`]: each is a file
+/// descriptor, and a few already give ECMP most of its spread.
+pub const MAX_SOURCE_SOCKETS: usize = 64;
+
+/// Errors of the overlay shell.
+#[derive(Debug, thiserror::Error)]
+pub enum OverlayError {
+    /// The switch refused a switchover or port operation.
+    #[error("overlay switch refused the request")]
+    Switch(#[from] SwitchError),
+    /// The port's unix socket could not be created.
+    #[error("cannot listen for port {port} on {}", path.display())]
+    BindPort {
+        /// Port.
+        port: PortId,
+        /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Something that is not a socket sits at the port's path; it is left
+    /// alone rather than deleted.
+    #[error("{} exists and is not a socket", .0.display())]
+    PathInUse(PathBuf),
+    /// The overlay UDP socket could not be set up.
+    #[error("cannot set up the VXLAN socket on {addr}")]
+    Udp {
+        /// Local address.
+        addr: String,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Too many source sockets were asked for.
+    #[error("{0} VXLAN source sockets requested, at most {MAX_SOURCE_SOCKETS} allowed")]
+    TooManySourceSockets(usize),
+    /// The driver's input queue is full; the frame was dropped.
+    #[error("overlay switch input queue is full")]
+    Backlogged,
+    /// The driver task has stopped.
+    #[error("overlay switch has stopped")]
+    Stopped,
+}
+
+/// Sends frames to peer sites. Implementations must not block: a frame
+/// that cannot go out now is dropped and counted, as a NIC would.
+///
+/// `delivery` and `ack` belong in the overlay header of transports that
+/// have one (the QUIC datagram transport); see [`crate::dedup`].
+pub trait RemoteTransport: Send + Sync + 'static {
+    /// Sends `frame` on network `vni` to `site`.
+    fn send(&self, site: &HostId, vni: Vni, delivery: Delivery, ack: u64, frame: Bytes);
+}
+
+/// What the driver reports to the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OverlayEvent {
+    /// Send this registry update to every peer's control channel, in order.
+    Push(RegistryUpdate),
+    /// A peer took the port's MAC over and the port was fenced.
+    PortFenced {
+        /// Port.
+        port: PortId,
+        /// New owner.
+        to: HostId,
+    },
+    /// QEMU's post-migration RARP arrived on a pending port: the agent may
+    /// claim now.
+    RarpSeen {
+        /// Port.
+        port: PortId,
+        /// MAC.
+        mac: MacAddr,
+    },
+    /// A QEMU connected to the port (link up; the destination must see this
+    /// before the migration completes, reference §1.1).
+    PortConnected {
+        /// Port.
+        port: PortId,
+    },
+    /// The port's QEMU connection ended.
+    PortDisconnected {
+        /// Port.
+        port: PortId,
+    },
+}
+
+/// A frame the switch hands to the router (addressed to the gateway MAC).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutedFrame {
+    /// Network.
+    pub vni: Vni,
+    /// Frame.
+    pub frame: Bytes,
+}
+
+/// Counters of the shell (the switch keeps its own).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ShellStats {
+    /// QEMU connections accepted.
+    pub connections: u64,
+    /// QEMU connections that replaced a live one on the same port.
+    pub replaced_connections: u64,
+    /// Frames for a port with no QEMU connected.
+    pub tx_not_connected: u64,
+    /// Frames dropped because a port's queue was full.
+    pub tx_queue_full: u64,
+    /// Stream errors (bad record length, truncated record) on connections.
+    pub stream_errors: u64,
+    /// Routed frames dropped (router absent or behind).
+    pub route_dropped: u64,
+}
+
+/// Status of the overlay: the switch's and the shell's.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct OverlayStatus {
+    /// The switch.
+    pub switch: SwitchStatus,
+    /// The shell.
+    pub shell: ShellStats,
+    /// Ports with a QEMU connected.
+    pub connected: Vec<PortId>,
+}
+
+/// The receiving ends of what the driver reports.
+#[derive(Debug)]
+pub struct OverlayOutputs {
+    /// Control-plane events, in order. Unbounded because losing a
+    /// [`OverlayEvent::Push`] would leave peers with a stale registry; they
+    /// are rare (one per location change).
+    pub events: mpsc::UnboundedReceiver<OverlayEvent>,
+    /// Frames for the router (bounded; dropped when full).
+    pub routed: mpsc::Receiver<RoutedFrame>,
+    /// The driver task; it ends after [`OverlayHandle::shutdown`] or when
+    /// every handle is dropped.
+    pub task: JoinHandle<()>,
+}
+
+enum Command {
+    AddStreamPort {
+        port: PortId,
+        cfg: PortConfig,
+        state: PortState,
+        path: PathBuf,
+        reply: oneshot::Sender<Result<(), OverlayError>>,
+    },
+    RemovePort(PortId, oneshot::Sender<Result<(), OverlayError>>),
+    AddRemote(Vni, HostId),
+    RemoveRemote(Vni, HostId),
+    SetGateway(Vni, Option<GatewayConfig>),
+    SetArpSuppression(bool),
+    Fence(PortId, oneshot::Sender<Result<(), OverlayError>>),
+    Claim(
+        PortId,
+        Vec<IpAddr>,
+        oneshot::Sender<Result<(), OverlayError>>,
+    ),
+    Open(PortId, oneshot::Sender<Result<(), OverlayError>>),
+    ApplyUpdate(HostId, RegistryUpdate),
+    ResetPeer(HostId),
+    Status(oneshot::Sender<OverlayStatus>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+enum Input {
+    Local {
+        port: PortId,
+        frame: Bytes,
+    },
+    Remote {
+        from: HostId,
+        vni: Vni,
+        delivery: Delivery,
+        ack: u64,
+        frame: Bytes,
+    },
+    Connected {
+        port: PortId,
+        conn: u64,
+        tx: mpsc::Sender<Bytes>,
+    },
+    Disconnected {
+        port: PortId,
+        conn: u64,
+        stream_error: bool,
+    },
+}
+
+/// Cheap, cloneable control handle of a running [`OverlaySwitch`].
+#[derive(Debug, Clone)]
+pub struct OverlayHandle {
+    cmd: mpsc::Sender<Command>,
+    input: mpsc::Sender<Input>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Command")
+    }
+}
+
+impl std::fmt::Debug for Input {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Input")
+    }
+}
+
+impl OverlayHandle {
+    /// Attaches a guest port that QEMU reaches as a `-netdev stream` client
+    /// at `path` (a stale socket there is replaced). `state` is `Pending` on
+    /// a migration destination, `Open` for a VM that boots here.
+    pub async fn add_stream_port(
+        &self,
+        port: PortId,
+        cfg: PortConfig,
+        state: PortState,
+        path: impl Into<PathBuf>,
+    ) -> Result<(), OverlayError> {
+        let path = path.into();
+        self.ask(|reply| Command::AddStreamPort {
+            port,
+            cfg,
+            state,
+            path,
+            reply,
+        })
+        .await?
+    }
+
+    /// Detaches a port: closes its socket, removes its path and withdraws
+    /// its locations.
+    pub async fn remove_port(&self, port: PortId) -> Result<(), OverlayError> {
+        self.ask(|r| Command::RemovePort(port, r)).await?
+    }
+
+    /// Joins peer `site` to network `vni`.
+    pub async fn add_remote(&self, vni: Vni, site: HostId) -> Result<(), OverlayError> {
+        self.tell(Command::AddRemote(vni, site)).await
+    }
+
+    /// Removes peer `site` from network `vni`.
+    pub async fn remove_remote(&self, vni: Vni, site: HostId) -> Result<(), OverlayError> {
+        self.tell(Command::RemoveRemote(vni, site)).await
+    }
+
+    /// Sets or removes the distributed gateway of `vni`.
+    pub async fn set_gateway(
+        &self,
+        vni: Vni,
+        gw: Option<GatewayConfig>,
+    ) -> Result<(), OverlayError> {
+        self.tell(Command::SetGateway(vni, gw)).await
+    }
+
+    /// Turns ARP suppression on or off.
+    pub async fn set_arp_suppression(&self, on: bool) -> Result<(), OverlayError> {
+        self.tell(Command::SetArpSuppression(on)).await
+    }
+
+    /// [`Switch::fence`]: the source's QEMU stopped for the switchover.
+    pub async fn fence(&self, port: PortId) -> Result<(), OverlayError> {
+        self.ask(|r| Command::Fence(port, r)).await?
+    }
+
+    /// [`Switch::claim`]: the destination takes the port's MAC; the update
+    /// comes out as [`OverlayEvent::Push`].
+    pub async fn claim(&self, port: PortId, ips: Vec<IpAddr>) -> Result<(), OverlayError> {
+        self.ask(|r| Command::Claim(port, ips, r)).await?
+    }
+
+    /// [`Switch::open`]: the VM resumed here.
+    pub async fn open(&self, port: PortId) -> Result<(), OverlayError> {
+        self.ask(|r| Command::Open(port, r)).await?
+    }
+
+    /// Applies a registry update that peer `from` sent on its control
+    /// channel (in order, once per connection; see
+    /// [`Switch::handle_update`]).
+    pub async fn apply_update(
+        &self,
+        from: HostId,
+        update: RegistryUpdate,
+    ) -> Result<(), OverlayError> {
+        self.tell(Command::ApplyUpdate(from, update)).await
+    }
+
+    /// The control connection to `site` was replaced ([`Switch::reset_peer`]);
+    /// the full sync comes out as [`OverlayEvent::Push`] events.
+    pub async fn reset_peer(&self, site: HostId) -> Result<(), OverlayError> {
+        self.tell(Command::ResetPeer(site)).await
+    }
+
+    /// A snapshot of the switch and shell state.
+    pub async fn status(&self) -> Result<OverlayStatus, OverlayError> {
+        self.ask(Command::Status).await
+    }
+
+    /// Stops the driver: ports are closed and their paths removed.
+    pub async fn shutdown(&self) -> Result<(), OverlayError> {
+        self.ask(Command::Shutdown).await
+    }
+
+    /// The entry point for frames from peer sites, for a transport's
+    /// receive loop.
+    pub fn remote_sink(&self) -> RemoteSink {
+        RemoteSink {
+            input: self.input.clone(),
+        }
+    }
+
+    async fn tell(&self, c: Command) -> Result<(), OverlayError> {
+        self.cmd.send(c).await.map_err(|_| OverlayError::Stopped)
+    }
+
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, OverlayError> {
+        let (tx, rx) = oneshot::channel();
+        self.tell(make(tx)).await?;
+        rx.await.map_err(|_| OverlayError::Stopped)
+    }
+}
+
+/// Where a transport's receive loop puts frames from peers.
+#[derive(Debug, Clone)]
+pub struct RemoteSink {
+    input: mpsc::Sender<Input>,
+}
+
+impl RemoteSink {
+    /// Queues a frame that `from` sent on `vni` with the overlay header's
+    /// `delivery` and `ack` (a peer without them, e.g. a kernel VXLAN
+    /// device, passes [`Delivery::Flood`] and `u64::MAX`). Never waits:
+    /// [`OverlayError::Backlogged`] means the frame was dropped.
+    pub fn deliver(
+        &self,
+        from: HostId,
+        vni: Vni,
+        delivery: Delivery,
+        ack: u64,
+        frame: Bytes,
+    ) -> Result<(), OverlayError> {
+        self.input
+            .try_send(Input::Remote {
+                from,
+                vni,
+                delivery,
+                ack,
+                frame,
+            })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => OverlayError::Backlogged,
+                mpsc::error::TrySendError::Closed(_) => OverlayError::Stopped,
+            })
+    }
+}
+
+/// Aborts the task when dropped, so a port's tasks never outlive it.
+#[derive(Debug)]
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[derive(Debug)]
+struct PortIo {
+    path: PathBuf,
+    _acceptor: AbortOnDrop,
+    conn: Option<(u64, mpsc::Sender<Bytes>)>,
+}
+
+/// The driver task that owns the [`Switch`] and performs its actions.
+pub struct OverlaySwitch {
+    switch: Switch,
+    transport: Arc<dyn RemoteTransport>,
+    cmd_rx: mpsc::Receiver<Command>,
+    input_rx: mpsc::Receiver<Input>,
+    input_tx: mpsc::Sender<Input>,
+    events: mpsc::UnboundedSender<OverlayEvent>,
+    routed: mpsc::Sender<RoutedFrame>,
+    ports: BTreeMap<PortId, PortIo>,
+    stats: ShellStats,
+}
+
+impl OverlaySwitch {
+    /// Starts the driver for host `host` on the current tokio runtime,
+    /// sending to peers through `transport`.
+    pub fn spawn(
+        host: HostId,
+        transport: Arc<dyn RemoteTransport>,
+    ) -> (OverlayHandle, OverlayOutputs) {
+        let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
+        let (input_tx, input_rx) = mpsc::channel(INPUT_QUEUE);
+        let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+        let (route_tx, route_rx) = mpsc::channel(ROUTE_QUEUE);
+        let driver = OverlaySwitch {
+            switch: Switch::new(host),
+            transport,
+            cmd_rx,
+            input_rx,
+            input_tx: input_tx.clone(),
+            events: ev_tx,
+            routed: route_tx,
+            ports: BTreeMap::new(),
+            stats: ShellStats::default(),
+        };
+        let task = tokio::spawn(driver.run());
+        (
+            OverlayHandle {
+                cmd: cmd_tx,
+                input: input_tx,
+            },
+            OverlayOutputs {
+                events: ev_rx,
+                routed: route_rx,
+                task,
+            },
+        )
+    }
+
+    async fn run(mut self) {
+        info!(host = %self.switch.registry().local_host(), "overlay switch started");
+        loop {
+            let deadline = self
+                .switch
+                .poll_timeout()
+                .map(tokio::time::Instant::from_std);
+            let timer = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                // Commands first: a fence or claim must not wait behind a
+                // queue of data frames.
+                biased;
+                cmd = self.cmd_rx.recv() => match cmd {
+                    Some(Command::Shutdown(reply)) => {
+                        self.close_all();
+                        let _ = reply.send(());
+                        break;
+                    }
+                    Some(c) => self.handle_command(c),
+                    None => {
+                        self.close_all();
+                        break;
+                    }
+                },
+                // The driver holds a sender itself, so this never yields None.
+                Some(input) = self.input_rx.recv() => self.handle_input(input),
+                () = timer => {
+                    let actions = self.switch.handle_timeout(now());
+                    self.execute(actions);
+                }
+            }
+        }
+        info!(host = %self.switch.registry().local_host(), "overlay switch stopped");
+    }
+
+    fn handle_command(&mut self, c: Command) {
+        match c {
+            Command::AddStreamPort {
+                port,
+                cfg,
+                state,
+                path,
+                reply,
+            } => {
+                let _ = reply.send(self.add_stream_port(port, cfg, state, path));
+            }
+            Command::RemovePort(port, reply) => {
+                let r = self.switch.remove_port(port).map_err(OverlayError::from);
+                if let Ok(actions) = &r {
+                    self.execute(actions.clone());
+                }
+                if let Some(io) = self.ports.remove(&port) {
+                    remove_socket(&io.path);
+                }
+                let _ = reply.send(r.map(|_| ()));
+            }
+            Command::AddRemote(vni, site) => self.switch.add_remote(vni, site),
+            Command::RemoveRemote(vni, site) => self.switch.remove_remote(vni, &site),
+            Command::SetGateway(vni, gw) => self.switch.set_gateway(vni, gw),
+            Command::SetArpSuppression(on) => self.switch.set_arp_suppression(on),
+            Command::Fence(port, reply) => {
+                let _ = reply.send(self.switch.fence(port).map_err(Into::into));
+            }
+            Command::Claim(port, ips, reply) => {
+                let r = self.switch.claim(now(), port, &ips);
+                let _ = reply.send(self.finish(r));
+            }
+            Command::Open(port, reply) => {
+                let r = self.switch.open(now(), port);
+                let _ = reply.send(self.finish(r));
+            }
+            Command::ApplyUpdate(from, update) => {
+                let actions = self.switch.handle_update(now(), &from, &update);
+                self.execute(actions);
+            }
+            Command::ResetPeer(site) => {
+                let actions = self.switch.reset_peer(&site);
+                self.execute(actions);
+            }
+            Command::Status(reply) => {
+                let _ = reply.send(OverlayStatus {
+                    switch: self.switch.status(now()),
+                    shell: self.stats.clone(),
+                    connected: self
+                        .ports
+                        .iter()
+                        .filter(|(_, io)| io.conn.is_some())
+                        .map(|(id, _)| *id)
+                        .collect(),
+                });
+            }
+            Command::Shutdown(_) => {} // handled in run()
+        }
+    }
+
+    fn finish(&mut self, r: Result<Vec<Action>, SwitchError>) -> Result<(), OverlayError> {
+        let actions = r?;
+        self.execute(actions);
+        Ok(())
+    }
+
+    fn add_stream_port(
+        &mut self,
+        port: PortId,
+        cfg: PortConfig,
+        state: PortState,
+        path: PathBuf,
+    ) -> Result<(), OverlayError> {
+        if self.ports.contains_key(&port) {
+            return Err(SwitchError::DuplicatePort(port).into());
+        }
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.file_type().is_socket() => remove_socket(&path),
+            Ok(_) => return Err(OverlayError::PathInUse(path)),
+            Err(_) => {}
+        }
+        let listener = UnixListener::bind(&path).map_err(|source| OverlayError::BindPort {
+            port,
+            path: path.clone(),
+            source,
+        })?;
+        if let Err(e) = self.switch.add_port(port, cfg, state) {
+            drop(listener);
+            remove_socket(&path);
+            return Err(e.into());
+        }
+        info!(%port, mac = %cfg.mac, vni = %cfg.vni, ?state, path = %path.display(), "stream port listening");
+        let acceptor = tokio::spawn(accept_loop(port, listener, self.input_tx.clone()));
+        self.ports.insert(
+            port,
+            PortIo {
+                path,
+                _acceptor: AbortOnDrop(acceptor),
+                conn: None,
+            },
+        );
+        Ok(())
+    }
+
+    fn handle_input(&mut self, input: Input) {
+        match input {
+            Input::Local { port, frame } => {
+                let actions = self.switch.handle_local_frame(now(), port, frame);
+                self.execute(actions);
+            }
+            Input::Remote {
+                from,
+                vni,
+                delivery,
+                ack,
+                frame,
+            } => {
+                let actions = self
+                    .switch
+                    .handle_remote_frame(&from, vni, delivery, ack, frame);
+                self.execute(actions);
+            }
+            Input::Connected { port, conn, tx } => {
+                let Some(io) = self.ports.get_mut(&port) else {
+                    return;
+                };
+                self.stats.connections += 1;
+                if io.conn.replace((conn, tx)).is_some() {
+                    self.stats.replaced_connections += 1;
+                }
+                let _ = self.events.send(OverlayEvent::PortConnected { port });
+            }
+            Input::Disconnected {
+                port,
+                conn,
+                stream_error,
+            } => {
+                if stream_error {
+                    self.stats.stream_errors += 1;
+                }
+                let Some(io) = self.ports.get_mut(&port) else {
+                    return;
+                };
+                // A replaced connection's end is not the port's.
+                if io.conn.as_ref().is_some_and(|(c, _)| *c == conn) {
+                    io.conn = None;
+                    let _ = self.events.send(OverlayEvent::PortDisconnected { port });
+                }
+            }
+        }
+    }
+
+    fn execute(&mut self, actions: Vec<Action>) {
+        for a in actions {
+            match a {
+                Action::Deliver { port, frame } => self.deliver(port, frame),
+                Action::SendRemote {
+                    site,
+                    vni,
+                    delivery,
+                    ack,
+                    frame,
+                } => self.transport.send(&site, vni, delivery, ack, frame),
+                Action::RouteOut { vni, frame } => {
+                    if self.routed.try_send(RoutedFrame { vni, frame }).is_err() {
+                        self.stats.route_dropped += 1;
+                    }
+                }
+                Action::Push(u) => {
+                    let _ = self.events.send(OverlayEvent::Push(u));
+                }
+                Action::PortFenced { port, to } => {
+                    let _ = self.events.send(OverlayEvent::PortFenced { port, to });
+                }
+                Action::RarpSeen { port, mac } => {
+                    let _ = self.events.send(OverlayEvent::RarpSeen { port, mac });
+                }
+                Action::Drop { reason } => trace!(reason = reason.as_str(), "frame dropped"),
+            }
+        }
+    }
+
+    fn deliver(&mut self, port: PortId, frame: Bytes) {
+        let Some((_, tx)) = self.ports.get(&port).and_then(|io| io.conn.as_ref()) else {
+            self.stats.tx_not_connected += 1;
+            return;
+        };
+        match tx.try_send(frame) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => self.stats.tx_queue_full += 1,
+            // The writer ended (write error); the reader reports the end.
+            Err(mpsc::error::TrySendError::Closed(_)) => self.stats.tx_not_connected += 1,
+        }
+    }
+
+    fn close_all(&mut self) {
+        for (_, io) in std::mem::take(&mut self.ports) {
+            remove_socket(&io.path);
+        }
+    }
+}
+
+fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+fn remove_socket(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path) {
+        if e.kind() != io::ErrorKind::NotFound {
+            warn!(path = %path.display(), cause = %e, "cannot remove port socket");
+        }
+    }
+}
+
+/// Accepts QEMU connections on one port; the newest replaces the current.
+async fn accept_loop(port: PortId, listener: UnixListener, input: mpsc::Sender<Input>) {
+    let mut conn_id = 0u64;
+    let mut current: Option<(AbortOnDrop, AbortOnDrop)> = None;
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                warn!(%port, cause = %e, "accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        conn_id += 1;
+        if current.take().is_some() {
+            info!(%port, conn = conn_id, "new QEMU connection replaces the current one");
+        } else {
+            info!(%port, conn = conn_id, "QEMU connected");
+        }
+        let (rd, wr) = stream.into_split();
+        let (tx, rx) = mpsc::channel(PORT_TX_QUEUE);
+        // Announced before the reader starts, so the driver knows where to
+        // answer the connection's first frame.
+        if input
+            .send(Input::Connected {
+                port,
+                conn: conn_id,
+                tx,
+            })
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let w = tokio::spawn(write_loop(port, wr, rx));
+        let r = tokio::spawn(read_loop(port, conn_id, rd, input.clone()));
+        current = Some((AbortOnDrop(r), AbortOnDrop(w)));
+    }
+}
+
+async fn read_loop(port: PortId, conn: u64, mut rd: OwnedReadHalf, input: mpsc::Sender<Input>) {
+    let mut dec = StreamDecoder::new();
+    let mut buf = vec![0u8; PORT_READ_BUF];
+    let stream_error = loop {
+        let n = match rd.read(&mut buf).await {
+            Ok(0) => {
+                let r = dec.handle_eof();
+                if let Err(e) = &r {
+                    warn!(%port, conn, cause = %e, "QEMU connection ended mid-record");
+                } else {
+                    info!(%port, conn, "QEMU disconnected");
+                }
+                break r.is_err();
+            }
+            Ok(n) => n,
+            Err(e) => {
+                warn!(%port, conn, cause = %e, "read from QEMU failed");
+                break false;
+            }
+        };
+        // The slice is within `buf`: `read` returned at most its length.
+        if let Err(e) = dec.handle_input(&buf[..n]) {
+            warn!(%port, conn, cause = %e, "bad stream record from QEMU: closing");
+            break true;
+        }
+        while let Some(frame) = dec.poll_frame() {
+            if input.send(Input::Local { port, frame }).await.is_err() {
+                return;
+            }
+        }
+    };
+    let _ = input
+        .send(Input::Disconnected {
+            port,
+            conn,
+            stream_error,
+        })
+        .await;
+}
+
+async fn write_loop(port: PortId, mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Bytes>) {
+    let mut out = BytesMut::new();
+    while let Some(frame) = rx.recv().await {
+        out.clear();
+        push_record(port, &frame, &mut out);
+        // Batch what is already queued into one write.
+        while out.len() < PORT_READ_BUF {
+            let Ok(f) = rx.try_recv() else { break };
+            push_record(port, &f, &mut out);
+        }
+        if let Err(e) = wr.write_all(&out).await {
+            debug!(%port, cause = %e, "write to QEMU failed");
+            return;
+        }
+    }
+}
+
+fn push_record(port: PortId, frame: &[u8], out: &mut BytesMut) {
+    if let Err(e) = StreamCodec::encode(frame, out) {
+        // Only an empty or oversized frame gets here; QEMU would drop the
+        // connection over it, so it goes nowhere.
+        debug!(%port, cause = %e, "frame not sent to QEMU");
+    }
+}
+
+/// Static configuration of a [`VxlanTransport`].
+#[derive(Debug, Clone, Default)]
+pub struct VxlanConfig {
+    /// Peer sites and their VTEP addresses (normally port
+    /// [`vxlan::VXLAN_UDP_PORT`]). Datagrams from other IPs are dropped.
+    pub peers: BTreeMap<HostId, SocketAddr>,
+    /// Extra sockets to send from, each on its own ephemeral source port.
+    /// A flow (inner MACs and EtherType, [`vxlan::source_port`]) always
+    /// uses the same one, so its packets stay in order on one underlay
+    /// path while flows spread over ECMP links (RFC 7348 §5). 0 sends
+    /// everything from the receiving socket's port.
+    pub source_sockets: usize,
+}
+
+impl VxlanConfig {
+    /// A configuration with no peers and [`DEFAULT_SOURCE_SOCKETS`].
+    pub fn new() -> Self {
+        Self {
+            peers: BTreeMap::new(),
+            source_sockets: DEFAULT_SOURCE_SOCKETS,
+        }
+    }
+
+    /// Adds peer `site` with its VTEP at `ip`, port
+    /// [`vxlan::VXLAN_UDP_PORT`].
+    pub fn peer(mut self, site: HostId, ip: IpAddr) -> Self {
+        self.peers
+            .insert(site, SocketAddr::new(ip, vxlan::VXLAN_UDP_PORT));
+        self
+    }
+}
+
+/// Counters of a VXLAN transport.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct VxlanStats {
+    /// Datagrams sent.
+    pub sent: u64,
+    /// Datagrams not sent: the socket was full or the send failed.
+    pub send_errors: u64,
+    /// Frames for a site with no configured address.
+    pub unknown_site: u64,
+    /// Datagrams received.
+    pub received: u64,
+    /// Datagrams that were not valid VXLAN.
+    pub malformed: u64,
+    /// Datagrams from an address that is no configured peer.
+    pub unknown_peer: u64,
+    /// Frames dropped because the switch was behind.
+    pub backlogged: u64,
+}
+
+#[derive(Debug, Default)]
+struct VxlanCounters {
+    sent: AtomicU64,
+    send_errors: AtomicU64,
+    unknown_site: AtomicU64,
+    received: AtomicU64,
+    malformed: AtomicU64,
+    unknown_peer: AtomicU64,
+    backlogged: AtomicU64,
+}
+
+impl VxlanCounters {
+    fn snapshot(&self) -> VxlanStats {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        VxlanStats {
+            sent: g(&self.sent),
+            send_errors: g(&self.send_errors),
+            unknown_site: g(&self.unknown_site),
+            received: g(&self.received),
+            malformed: g(&self.malformed),
+            unknown_peer: g(&self.unknown_peer),
+            backlogged: g(&self.backlogged),
+        }
+    }
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The plain RFC 7348 overlay: one UDP socket per agent, interoperable with
+/// a Linux `vxlan` device (`dstport 4789`, no learning needed).
+///
+/// VXLAN has no room for [`Delivery`] or the control-plane `ack`, so both
+/// are dropped on send and the receiver reports every frame as a kernel
+/// peer's (`Flood`, `u64::MAX`): between godwit agents the at-most-once
+/// guarantee of [`crate::dedup`] needs the QUIC transport.
+#[derive(Debug)]
+pub struct VxlanTransport {
+    socket: std::net::UdpSocket,
+    pool: Vec<std::net::UdpSocket>,
+    peers: HashMap<HostId, SocketAddr>,
+    counters: Arc<VxlanCounters>,
+}
+
+/// The receiving half of a [`VxlanTransport`]: run it with the switch's
+/// [`RemoteSink`].
+#[derive(Debug)]
+pub struct VxlanReceiver {
+    socket: std::net::UdpSocket,
+    by_ip: HashMap<IpAddr, HostId>,
+    counters: Arc<VxlanCounters>,
+}
+
+impl VxlanTransport {
+    /// Binds the VXLAN socket at `local` (normally port
+    /// [`vxlan::VXLAN_UDP_PORT`]). Sockets belong to the network namespace
+    /// of the calling thread, so call this on a thread inside the site's
+    /// namespace if it has one; no tokio runtime is needed.
+    pub fn bind(
+        local: SocketAddr,
+        cfg: VxlanConfig,
+    ) -> Result<(Self, VxlanReceiver), OverlayError> {
+        let socket = std::net::UdpSocket::bind(local).map_err(|source| OverlayError::Udp {
+            addr: local.to_string(),
+            source,
+        })?;
+        Self::from_socket(socket, cfg)
+    }
+
+    /// Wraps an already bound socket. The source sockets are bound on the
+    /// same IP from the calling thread (see [`bind`](Self::bind)).
+    pub fn from_socket(
+        socket: std::net::UdpSocket,
+        cfg: VxlanConfig,
+    ) -> Result<(Self, VxlanReceiver), OverlayError> {
+        if cfg.source_sockets > MAX_SOURCE_SOCKETS {
+            return Err(OverlayError::TooManySourceSockets(cfg.source_sockets));
+        }
+        let local = socket.local_addr().map_err(|source| OverlayError::Udp {
+            addr: "?".into(),
+            source,
+        })?;
+        let udp_err = |source| OverlayError::Udp {
+            addr: local.to_string(),
+            source,
+        };
+        socket.set_nonblocking(true).map_err(udp_err)?;
+        let mut pool = Vec::with_capacity(cfg.source_sockets);
+        for _ in 0..cfg.source_sockets {
+            let s = std::net::UdpSocket::bind(SocketAddr::new(local.ip(), 0)).map_err(udp_err)?;
+            s.set_nonblocking(true).map_err(udp_err)?;
+            pool.push(s);
+        }
+        let rx = socket.try_clone().map_err(udp_err)?;
+        let counters = Arc::new(VxlanCounters::default());
+        let by_ip = cfg
+            .peers
+            .iter()
+            .map(|(h, a)| (a.ip().to_canonical(), h.clone()))
+            .collect();
+        info!(%local, peers = cfg.peers.len(), source_sockets = pool.len(), "VXLAN transport bound");
+        Ok((
+            Self {
+                socket,
+                pool,
+                peers: cfg.peers.into_iter().collect(),
+                counters: counters.clone(),
+            },
+            VxlanReceiver {
+                socket: rx,
+                by_ip,
+                counters,
+            },
+        ))
+    }
+
+    /// Local address of the receiving socket.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> VxlanStats {
+        self.counters.snapshot()
+    }
+
+    /// The socket a frame's flow is sent from.
+    fn socket_for(&self, frame: &[u8]) -> &std::net::UdpSocket {
+        if self.pool.is_empty() {
+            return &self.socket;
+        }
+        let h = usize::from(vxlan::source_port(frame) - vxlan::SOURCE_PORT_MIN);
+        // In range: the modulus is the pool's non-zero length.
+        &self.pool[h % self.pool.len()]
+    }
+}
+
+impl RemoteTransport for VxlanTransport {
+    fn send(&self, site: &HostId, vni: Vni, _delivery: Delivery, _ack: u64, frame: Bytes) {
+        let Some(dst) = self.peers.get(site) else {
+            bump(&self.counters.unknown_site);
+            debug!(%site, "no VXLAN address for site");
+            return;
+        };
+        let mut buf = BytesMut::with_capacity(vxlan::VXLAN_HEADER_LEN + frame.len());
+        vxlan::encode(vni, &frame, &mut buf);
+        match self.socket_for(&frame).send_to(&buf, dst) {
+            Ok(_) => bump(&self.counters.sent),
+            Err(e) => {
+                bump(&self.counters.send_errors);
+                trace!(%site, %dst, cause = %e, "VXLAN send failed");
+            }
+        }
+    }
+}
+
+impl VxlanReceiver {
+    /// Receives datagrams and hands their frames to `sink` until the switch
+    /// stops (then `Ok`) or the socket fails. Needs a tokio runtime.
+    pub async fn run(self, sink: RemoteSink) -> Result<(), OverlayError> {
+        let local = self
+            .socket
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let udp_err = |source| OverlayError::Udp {
+            addr: local.clone(),
+            source,
+        };
+        let socket = tokio::net::UdpSocket::from_std(self.socket).map_err(udp_err)?;
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        loop {
+            let (n, from) = match socket.recv_from(&mut buf).await {
+                Ok(r) => r,
+                // An ICMP error for an earlier send (with IP_RECVERR on);
+                // it says nothing about this socket.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionReset
+                    ) =>
+                {
+                    debug!(cause = %e, "VXLAN peer unreachable");
+                    continue;
+                }
+                Err(e) => return Err(udp_err(e)),
+            };
+            bump(&self.counters.received);
+            let Some(site) = self.by_ip.get(&from.ip().to_canonical()) else {
+                bump(&self.counters.unknown_peer);
+                debug!(%from, "VXLAN datagram from an unknown peer");
+                continue;
+            };
+            // Within `buf`: recv_from returned at most its length.
+            let pkt = match vxlan::decode(&buf[..n]) {
+                Ok(p) => p,
+                Err(e) => {
+                    bump(&self.counters.malformed);
+                    debug!(%from, cause = %e, "bad VXLAN datagram");
+                    continue;
+                }
+            };
+            let frame = Bytes::copy_from_slice(pkt.inner);
+            match sink.deliver(site.clone(), pkt.vni, Delivery::Flood, u64::MAX, frame) {
+                Ok(()) => {}
+                Err(OverlayError::Backlogged) => bump(&self.counters.backlogged),
+                Err(_) => return Ok(()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{arp_request, EthernetFrame};
+    use std::net::Ipv4Addr;
+    use std::sync::Mutex;
+    use tokio::net::UnixStream;
+
+    /// Records what the switch sends to peers.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(HostId, Vni, Bytes)>>);
+
+    impl RemoteTransport for Recorder {
+        fn send(&self, site: &HostId, vni: Vni, _d: Delivery, _a: u64, frame: Bytes) {
+            self.0.lock().unwrap().push((site.clone(), vni, frame));
+        }
+    }
+
+    fn vni() -> Vni {
+        Vni::new(42).unwrap()
+    }
+
+    fn mac(n: u8) -> MacAddr {
+        MacAddr([0x52, 0x54, 0, 0, 0, n])
+    }
+
+    fn cfg(n: u8) -> PortConfig {
+        PortConfig {
+            vni: vni(),
+            mac: mac(n),
+            allow_other_sources: false,
+        }
+    }
+
+    async fn send(s: &mut UnixStream, frame: &[u8]) {
+        let mut out = BytesMut::new();
+        StreamCodec::encode(frame, &mut out).unwrap();
+        s.write_all(&out).await.unwrap();
+    }
+
+    async fn recv(s: &mut UnixStream) -> Option<Bytes> {
+        let mut d = StreamDecoder::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(f) = d.poll_frame() {
+                return Some(f);
+            }
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+                .await
+                .ok()?
+                .ok()?;
+            if n == 0 {
+                return None;
+            }
+            d.handle_input(&buf[..n]).unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn stream_ports_switch_frames_and_flood_to_remotes() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = Arc::new(Recorder::default());
+        let (h, mut out) = OverlaySwitch::spawn(HostId::new("a"), rec.clone());
+        h.add_remote(vni(), HostId::new("b")).await.unwrap();
+        for n in [1, 2] {
+            h.add_stream_port(
+                PortId(n.into()),
+                cfg(n),
+                PortState::Open,
+                dir.path().join(format!("p{n}")),
+            )
+            .await
+            .unwrap();
+        }
+        let mut g1 = UnixStream::connect(dir.path().join("p1")).await.unwrap();
+        let mut g2 = UnixStream::connect(dir.path().join("p2")).await.unwrap();
+        for _ in 0..2 {
+            assert!(matches!(
+                out.events.recv().await,
+                Some(OverlayEvent::PortConnected { .. })
+            ));
+        }
+        let arp = arp_request(
+            mac(1),
+            Ipv4Addr::new(10, 0, 0, 1),
+            Ipv4Addr::new(10, 0, 0, 2),
+            None,
+        );
+        send(&mut g1, &arp).await;
+        assert_eq!(recv(&mut g2).await.unwrap(), &arp[..]);
+        assert!(matches!(
+            out.events.recv().await,
+            Some(OverlayEvent::Push(_))
+        ));
+        {
+            let sent = rec.0.lock().unwrap();
+            assert_eq!(sent.len(), 1);
+            assert_eq!(sent[0].0, HostId::new("b"));
+        }
+        // A frame from a remote for guest 2 reaches it.
+        let mut reply = arp_request(
+            mac(9),
+            Ipv4Addr::new(10, 0, 0, 9),
+            Ipv4Addr::new(10, 0, 0, 2),
+            None,
+        );
+        reply[..6].copy_from_slice(&mac(2).0);
+        h.remote_sink()
+            .deliver(
+                HostId::new("b"),
+                vni(),
+                Delivery::Flood,
+                u64::MAX,
+                Bytes::from(reply.clone()),
+            )
+            .unwrap();
+        // Guest 2 has not spoken, so this is unknown unicast: flooded to
+        // both local ports.
+        assert_eq!(recv(&mut g2).await.unwrap(), &reply[..]);
+        assert_eq!(recv(&mut g1).await.unwrap(), &reply[..]);
+        h.shutdown().await.unwrap();
+        out.task.await.unwrap();
+        assert!(!dir.path().join("p1").exists());
+    }
+
+    #[tokio::test]
+    async fn a_new_connection_replaces_the_old_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p");
+        // A stale socket from a previous run is replaced.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let (h, mut out) = OverlaySwitch::spawn(HostId::new("a"), Arc::new(Recorder::default()));
+        h.add_stream_port(PortId(1), cfg(1), PortState::Open, &path)
+            .await
+            .unwrap();
+        h.add_remote(vni(), HostId::new("b")).await.unwrap();
+        let mut old = UnixStream::connect(&path).await.unwrap();
+        assert!(matches!(
+            out.events.recv().await,
+            Some(OverlayEvent::PortConnected { .. })
+        ));
+        let mut new = UnixStream::connect(&path).await.unwrap();
+        assert!(matches!(
+            out.events.recv().await,
+            Some(OverlayEvent::PortConnected { .. })
+        ));
+        // The old connection is closed.
+        assert_eq!(recv(&mut old).await, None);
+        let bcast = arp_request(
+            mac(7),
+            Ipv4Addr::new(10, 0, 0, 7),
+            Ipv4Addr::new(10, 0, 0, 1),
+            None,
+        );
+        h.remote_sink()
+            .deliver(
+                HostId::new("b"),
+                vni(),
+                Delivery::Flood,
+                u64::MAX,
+                Bytes::from(bcast.clone()),
+            )
+            .unwrap();
+        assert_eq!(recv(&mut new).await.unwrap(), &bcast[..]);
+        let st = h.status().await.unwrap();
+        assert_eq!(
+            (st.shell.connections, st.shell.replaced_connections),
+            (2, 1)
+        );
+        assert_eq!(st.connected, vec![PortId(1)]);
+        // A bad record closes the connection; the port stays.
+        new.write_all(&[0, 0, 0, 0]).await.unwrap();
+        assert_eq!(recv(&mut new).await, None);
+        assert!(matches!(
+            out.events.recv().await,
+            Some(OverlayEvent::PortDisconnected { .. })
+        ));
+        assert_eq!(h.status().await.unwrap().shell.stream_errors, 1);
+        // Something that is not a socket is never deleted.
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(matches!(
+            h.add_stream_port(PortId(2), cfg(2), PortState::Open, &file)
+                .await,
+            Err(OverlayError::PathInUse(_))
+        ));
+        assert!(file.exists());
+    }
+
+    #[tokio::test]
+    async fn vxlan_transport_roundtrip_on_loopback() {
+        let a_sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b_sock = std::net::UdpSocket::bind("127.0.0.2:0").unwrap();
+        let (a_addr, b_addr) = (a_sock.local_addr().unwrap(), b_sock.local_addr().unwrap());
+        let mut cfg_a = VxlanConfig::new();
+        cfg_a.peers.insert(HostId::new("b"), b_addr);
+        let (ta, _ra) = VxlanTransport::from_socket(a_sock, cfg_a).unwrap();
+        let mut cfg_b = VxlanConfig::new();
+        cfg_b.peers.insert(HostId::new("a"), a_addr);
+        cfg_b.source_sockets = 0;
+        let (tb, rb) = VxlanTransport::from_socket(b_sock, cfg_b).unwrap();
+        let (h, mut out) = OverlaySwitch::spawn(HostId::new("b"), Arc::new(tb));
+        h.add_remote(vni(), HostId::new("a")).await.unwrap();
+        let recv_task = tokio::spawn(rb.run(h.remote_sink()));
+        // b's switch has no port, so its counters show the frame arrived.
+        let frame = arp_request(
+            mac(1),
+            Ipv4Addr::new(10, 0, 0, 1),
+            Ipv4Addr::new(10, 0, 0, 2),
+            None,
+        );
+        ta.send(
+            &HostId::new("b"),
+            vni(),
+            Delivery::Flood,
+            0,
+            Bytes::from(frame.clone()),
+        );
+        ta.send(
+            &HostId::new("nobody"),
+            vni(),
+            Delivery::Flood,
+            0,
+            Bytes::from(frame),
+        );
+        let mut rx_remote = 0;
+        for _ in 0..100 {
+            rx_remote = h.status().await.unwrap().switch.stats.rx_remote;
+            if rx_remote > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(rx_remote, 1);
+        let st = ta.stats();
+        assert_eq!((st.sent, st.unknown_site), (1, 1));
+        h.shutdown().await.unwrap();
+        out.task.await.unwrap();
+        while out.events.try_recv().is_ok() {}
+        recv_task.abort();
+    }
+
+    #[test]
+    fn a_flow_keeps_its_source_socket() {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (t, _r) = VxlanTransport::from_socket(s, VxlanConfig::new()).unwrap();
+        let f = arp_request(
+            mac(1),
+            Ipv4Addr::new(10, 0, 0, 1),
+            Ipv4Addr::new(10, 0, 0, 2),
+            None,
+        );
+        let p1 = t.socket_for(&f).local_addr().unwrap();
+        assert_eq!(p1, t.socket_for(&f).local_addr().unwrap());
+        assert_ne!(p1, t.local_addr().unwrap());
+        assert!(EthernetFrame::parse(&f).is_ok());
+        let too_many = VxlanConfig {
+            source_sockets: MAX_SOURCE_SOCKETS + 1,
+            ..VxlanConfig::new()
+        };
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert!(matches!(
+            VxlanTransport::from_socket(s, too_many),
+            Err(OverlayError::TooManySourceSockets(_))
+        ));
+    }
+}
