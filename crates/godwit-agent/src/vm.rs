@@ -74,6 +74,47 @@ pub enum VmError {
     },
 }
 
+/// How long a restarted agent waits for the old QEMU of an interrupted
+/// handover to complete when the new one has loaded the state.
+const HANDOVER_SETTLE_WAIT: Duration = Duration::from_secs(5);
+
+/// Which QEMU owns the guest after an interrupted same-host handover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settlement {
+    /// The new one; `cont` if it has loaded the state but was never told
+    /// to run.
+    KeepNew {
+        /// Whether it still needs `cont`.
+        cont: bool,
+    },
+    /// The old one (the new one never ran the guest).
+    KeepOld,
+}
+
+/// Decides an interrupted handover from the two QEMUs' run states (`None`:
+/// gone or not answering). The new QEMU runs the guest only if it is
+/// running, or if it holds the whole state (`paused` after loading) while
+/// the old one completed (`postmigrate`, which never runs the guest
+/// again) or is gone. In every other case the new one never ran the guest and the old
+/// one keeps it: if it was stopped for the switch-over, QEMU resumes it
+/// when the retired new QEMU's socket closes.
+fn settle(new: Option<&str>, old: Option<&str>) -> Settlement {
+    match (new, old) {
+        (Some("running"), _) => Settlement::KeepNew { cont: false },
+        // A 7.2 destination leaves `inmigrate` only with the whole state
+        // loaded; with the old QEMU gone nobody else can run the guest.
+        (Some("paused"), Some("postmigrate") | None) => Settlement::KeepNew { cont: true },
+        _ => Settlement::KeepOld,
+    }
+}
+
+async fn run_status(c: &QmpClient) -> Option<String> {
+    c.execute_timeout("query-status", json!({}), QMP_TIMEOUT)
+        .await
+        .ok()
+        .and_then(|v| v.get("status").and_then(|r| r.as_str()).map(str::to_owned))
+}
+
 /// What is persisted for each VM.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct VmRecord {
@@ -317,41 +358,68 @@ impl VmManager {
     }
 
     /// Resolves a handover that an agent crash interrupted. Both QEMUs map
-    /// the same RAM file: the new one owns the guest iff it runs it (QEMU
-    /// starts the destination only after loading all device state, and the
-    /// old one stays paused in `postmigrate` from then on); otherwise the
-    /// old one does and the new one, still waiting for state, is retired.
-    /// Neither retirement removes the RAM file. Returns the record to
-    /// re-adopt, or `None` if neither process is left.
+    /// the same RAM file; [`settle`] decides which one owns the guest from
+    /// their run states. Neither retirement removes the RAM file. Returns
+    /// the record to re-adopt, or `None` if neither process is left.
     async fn settle_handover(&self, mut rec: VmRecord, new: QemuInstance) -> Option<VmRecord> {
         rec.handover = None;
-        let new_runs = if new.is_running() {
-            match QmpClient::connect(&new.qmp_socket).await {
-                Ok((c, _)) => {
-                    let st = c
-                        .execute_timeout("query-status", json!({}), QMP_TIMEOUT)
-                        .await
-                        .ok()
-                        .and_then(|v| v.get("status").and_then(|r| r.as_str()).map(str::to_owned));
-                    st.as_deref() != Some("inmigrate")
-                }
-                Err(_) => false,
-            }
+        let new_qmp = if new.is_running() {
+            QmpClient::connect(&new.qmp_socket)
+                .await
+                .ok()
+                .map(|(c, _)| c)
         } else {
-            false
+            None
         };
-        let (keep, drop) = if new_runs {
-            (new, rec.instance.clone())
+        let old_qmp = if rec.instance.is_running() {
+            QmpClient::connect(&rec.instance.qmp_socket)
+                .await
+                .ok()
+                .map(|(c, _)| c)
         } else {
-            (rec.instance.clone(), new)
+            None
+        };
+        let new_st = match &new_qmp {
+            Some(c) => run_status(c).await,
+            None => None,
+        };
+        let mut old_st = match &old_qmp {
+            Some(c) => run_status(c).await,
+            None => None,
+        };
+        // Loaded but not continued: the old QEMU completes as soon as the
+        // new one's SHUT reaches it; give it that moment.
+        let deadline = tokio::time::Instant::now() + HANDOVER_SETTLE_WAIT;
+        while new_st.as_deref() == Some("paused")
+            && old_st.as_deref() != Some("postmigrate")
+            && old_qmp.is_some()
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            old_st = match &old_qmp {
+                Some(c) => run_status(c).await,
+                None => None,
+            };
+        }
+        let decision = settle(new_st.as_deref(), old_st.as_deref());
+        let (keep, drop) = match decision {
+            Settlement::KeepNew { .. } => (new, rec.instance.clone()),
+            Settlement::KeepOld => (rec.instance.clone(), new),
         };
         info!(
             vm = rec.spec.name,
             kept = keep.instance_id,
             retired = drop.instance_id,
+            new = ?new_st,
+            old = ?old_st,
             "settling a handover interrupted by an agent restart"
         );
         let _ = godwit_qemu::retire(&drop, None, STOP_GRACE).await;
+        if let (Settlement::KeepNew { cont: true }, Some(c)) = (decision, &new_qmp) {
+            if let Err(e) = c.execute_timeout("cont", json!({}), QMP_TIMEOUT).await {
+                warn!(vm = rec.spec.name, cause = %e, "cannot continue the new QEMU");
+            }
+        }
         rec.instance = keep;
         if !rec.instance.is_running() {
             // Neither is left: the guest is gone; free its RAM.
@@ -606,5 +674,36 @@ impl VmManager {
             guest: Some(h.guest.info()),
             spec: serde_json::to_value(&h.spec).unwrap_or_default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_interrupted_handover_keeps_the_qemu_that_owns_the_guest() {
+        use Settlement::*;
+        // The new QEMU runs the guest: whatever the old one says.
+        assert_eq!(
+            settle(Some("running"), Some("postmigrate")),
+            KeepNew { cont: false }
+        );
+        assert_eq!(settle(Some("running"), None), KeepNew { cont: false });
+        // Loaded and the old one completed: continue the new one.
+        assert_eq!(
+            settle(Some("paused"), Some("postmigrate")),
+            KeepNew { cont: true }
+        );
+        assert_eq!(settle(Some("paused"), None), KeepNew { cont: true });
+        // Loaded but the old one did not complete: it resumes the guest
+        // when the new one's socket closes, so the new one must go.
+        assert_eq!(settle(Some("paused"), Some("running")), KeepOld);
+        assert_eq!(settle(Some("paused"), Some("finish-migrate")), KeepOld);
+        // Still waiting for the stream, or gone.
+        assert_eq!(settle(Some("inmigrate"), Some("running")), KeepOld);
+        assert_eq!(settle(Some("inmigrate"), Some("finish-migrate")), KeepOld);
+        assert_eq!(settle(None, Some("running")), KeepOld);
+        assert_eq!(settle(None, None), KeepOld);
     }
 }
