@@ -72,6 +72,24 @@ else
 fi
 echo "fuzz: build took $((SECONDS - t0)) s"
 
+# run_target TARGET LOG DIR...: one timed fuzz run, its output in LOG.
+run_target() {
+    local t=$1 log=$2
+    shift 2
+    # Marks the start, so crash_reported finds reproducers of this run only.
+    touch "$fuzz_dir/artifacts/.$t.start"
+    cargo fuzz run "${fuzz_args[@]}" "$t" "$@" -- \
+        -max_total_time="$secs" -timeout="$INPUT_TIMEOUT_S" -print_final_stats=1 \
+        >"$log" 2>&1
+}
+
+# crash_reported TARGET LOG: whether the run left a finding behind.
+crash_reported() {
+    local t=$1 log=$2
+    grep -qE "panicked|ERROR: (libFuzzer|AddressSanitizer|LeakSanitizer)|^SUMMARY|Test unit written" "$log" ||
+        [[ -n $(find "$fuzz_dir/artifacts/$t" -type f -newer "$fuzz_dir/artifacts/.$t.start" 2>/dev/null) ]]
+}
+
 failed=()
 summary=()
 for t in "${targets[@]}"; do
@@ -87,9 +105,18 @@ for t in "${targets[@]}"; do
 
     echo "fuzz: $t for ${secs}s"
     rc=0
-    cargo fuzz run "${fuzz_args[@]}" "$t" "${dirs[@]}" -- \
-        -max_total_time="$secs" -timeout="$INPUT_TIMEOUT_S" -print_final_stats=1 \
-        >"$log" 2>&1 || rc=$?
+    run_target "$t" "$log" "${dirs[@]}" || rc=$?
+    if ((rc != 0)) && ! crash_reported "$t" "$log"; then
+        # libFuzzer reports every finding (panic, sanitizer error, timeout,
+        # OOM, leak) in its log and writes a reproducer. A non-zero exit
+        # without either means the process was stopped from outside (a
+        # signal, the OOM killer); that is not a finding, so say so and run
+        # the target once more rather than report a crash nobody can replay.
+        echo "fuzz: $t exited with status $rc but reported no crash; running it again" >&2
+        { grep -m1 "^Error:" "$log" || tail -n 3 "$log"; } >&2 || true
+        rc=0
+        run_target "$t" "$log" "${dirs[@]}" || rc=$?
+    fi
 
     # A crash while loading the corpus leaves no stats: count 0, never abort.
     runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | awk '{s += $2} END {print s + 0}' || true)
@@ -99,7 +126,7 @@ for t in "${targets[@]}"; do
         summary+=("$(printf '%-16s ok     %10s runs  cov %-6s corpus %s' "$t" "$runs" "${cov:-?}" "$size")")
     else
         failed+=("$t")
-        summary+=("$(printf '%-16s CRASH  %10s runs  (log: %s)' "$t" "$runs" "${log#"$root"/}")")
+        summary+=("$(printf '%-16s CRASH  %10s runs  exit %s  (log: %s)' "$t" "$runs" "$rc" "${log#"$root"/}")")
         # The report (panic message, backtrace, reproducer path) for the caller.
         { grep -E -A40 "panicked|ERROR: (libFuzzer|AddressSanitizer)" "$log" || tail -n 40 "$log"; } | head -n 60 >&2 || true
         grep -E "^(SUMMARY|artifact_prefix|Test unit written)" "$log" >&2 || true
