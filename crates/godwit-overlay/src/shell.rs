@@ -151,6 +151,17 @@ pub trait RemoteTransport: Send + Sync + 'static {
 pub enum OverlayEvent {
     /// Send this registry update to every peer's control channel, in order.
     Push(RegistryUpdate),
+    /// The full sync after [`OverlayHandle::reset_peer`]: send these to
+    /// `site` only, on its new control channel, before any later
+    /// [`OverlayEvent::Push`]. Pushes reported before this event predate
+    /// the reset and must not go to the new channel (the switch counts
+    /// updates per channel, see [`crate::dedup`]).
+    Sync {
+        /// The peer whose channel was replaced.
+        site: HostId,
+        /// Every location held here.
+        updates: Vec<RegistryUpdate>,
+    },
     /// A peer took the port's MAC over and the port was fenced.
     PortFenced {
         /// Port.
@@ -379,7 +390,7 @@ impl OverlayHandle {
     }
 
     /// The control connection to `site` was replaced ([`Switch::reset_peer`]);
-    /// the full sync comes out as [`OverlayEvent::Push`] events.
+    /// the full sync comes out as one [`OverlayEvent::Sync`] event.
     pub async fn reset_peer(&self, site: HostId) -> Result<(), OverlayError> {
         self.tell(Command::ResetPeer(site)).await
     }
@@ -597,8 +608,21 @@ impl OverlaySwitch {
                 self.execute(actions);
             }
             Command::ResetPeer(site) => {
-                let actions = self.switch.reset_peer(&site);
-                self.execute(actions);
+                let updates = self
+                    .switch
+                    .reset_peer(&site)
+                    .into_iter()
+                    .filter_map(|a| match a {
+                        Action::Push(u) => Some(u),
+                        // reset_peer only returns pushes; anything else
+                        // would be a new kind of action to perform.
+                        other => {
+                            self.execute(vec![other]);
+                            None
+                        }
+                    })
+                    .collect();
+                let _ = self.events.send(OverlayEvent::Sync { site, updates });
             }
             Command::Status(reply) => {
                 let _ = reply.send(OverlayStatus {
