@@ -17,6 +17,8 @@
 //! - [`rpgate`]: the destination's gate on QEMU's return path (who owns the VM).
 //! - [`migration`]: the source and destination state machines.
 //! - [`metrics`]: Prometheus counters.
+//! - [`network`]: the guest network: overlay switch, QUIC datagram
+//!   transport and registry links to peers.
 #![warn(missing_docs)]
 
 pub mod api;
@@ -28,6 +30,7 @@ pub mod guest;
 pub mod memcodec;
 pub mod metrics;
 pub mod migration;
+pub mod network;
 pub mod pace;
 pub mod peer;
 pub mod relay;
@@ -108,6 +111,8 @@ pub struct Agent {
     pub site: Option<Arc<site::Site>>,
     /// Maintenance mode and host evacuation.
     pub evacuations: evacuate::Evacuations,
+    /// The guest network, unless `[network] enabled = false`.
+    pub network: Option<Arc<network::Network>>,
 }
 
 impl Agent {
@@ -225,9 +230,16 @@ pub async fn run(
         None
     };
     let state_dir_for_evacuations = cfg.state_dir.clone();
+    let peers = peer::Peers::new(cfg.name.clone(), transport.clone(), cfg.peers.clone());
+    let network = if cfg.network.enabled {
+        Some(network::Network::start(&cfg.name, &cfg.network, &cfg.run_dir, &peers).await?)
+    } else {
+        None
+    };
     let agent = Arc::new(Agent {
         site,
-        peers: peer::Peers::new(cfg.name.clone(), transport.clone(), cfg.peers.clone()),
+        network,
+        peers,
         cfg,
         config_path,
         vms,
@@ -329,6 +341,11 @@ async fn handle_stream(agent: Arc<Agent>, s: IncomingStream) {
         }
         StreamPurpose::Memory => {
             migration::destination::accept_memory_stream(agent, peer, send, recv).await
+        }
+        StreamPurpose::NetworkFrames if agent.network.is_some() => {
+            if let Some(n) = &agent.network {
+                n.run_link(&peer, send, recv).await;
+            }
         }
         other => {
             debug!(?other, "no handler for this stream purpose yet");
