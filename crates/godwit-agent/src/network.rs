@@ -211,6 +211,9 @@ pub struct Network {
     stats: Arc<DatagramStats>,
     links: mpsc::UnboundedSender<LinkMsg>,
     linked: Arc<Mutex<HashSet<HostId>>>,
+    /// Pending ports already claimed (on QEMU's RARP or at completion), so
+    /// a port claims once.
+    claimed: Arc<Mutex<HashSet<PortId>>>,
     events: broadcast::Sender<OverlayEvent>,
 }
 
@@ -265,6 +268,7 @@ impl Network {
         let (links_tx, links_rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let linked = Arc::new(Mutex::new(HashSet::new()));
+        let claimed = Arc::new(Mutex::new(HashSet::new()));
         let net = Arc::new(Network {
             handle: handle.clone(),
             vni,
@@ -276,10 +280,11 @@ impl Network {
             stats,
             links: links_tx,
             linked: linked.clone(),
+            claimed: claimed.clone(),
             events: events.clone(),
         });
         tokio::spawn(
-            dispatch(handle, outputs.events, links_rx, events, linked)
+            dispatch(handle, outputs.events, links_rx, events, linked, claimed)
                 .instrument(tracing::info_span!("overlay_control")),
         );
         tokio::spawn(scan_peers(Arc::downgrade(&net), peers.clone()));
@@ -343,9 +348,51 @@ impl Network {
         let Some(port) = self.lock_ports().remove(vm) else {
             return;
         };
+        self.claimed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&port);
         match self.handle.remove_port(port).await {
             Ok(()) => info!(vm, %port, "NIC detached from the overlay"),
             Err(e) => debug!(vm, %port, cause = %e, "removing port"),
+        }
+    }
+
+    /// The source's switchover step: `vm` now runs elsewhere; nothing its
+    /// old QEMU emits goes anywhere from now on.
+    ///
+    /// Called when the migration has completed, not when QEMU stops the
+    /// guest for the switchover: a fenced port never reopens, and QEMU 7.2's
+    /// stream client cannot reconnect to a replaced port, so fencing at the
+    /// stop would leave a guest whose migration then fails without a
+    /// network. Nothing is lost by waiting: the paused guest emits nothing,
+    /// and the destination's claim fences the port anyway when it arrives
+    /// first.
+    pub async fn fence_vm(&self, vm: &str) {
+        let Some(port) = self.port_of(vm) else { return };
+        if let Err(e) = self.handle.fence(port).await {
+            warn!(vm, %port, cause = %e, "fencing the NIC");
+        }
+    }
+
+    /// The destination's switchover steps once `vm` runs here: claim its
+    /// MAC (unless QEMU's RARP already triggered the claim), then open the
+    /// port (queued frames flow, the guest's addresses are announced).
+    pub async fn activate(&self, vm: &str) {
+        let Some(port) = self.port_of(vm) else { return };
+        let first = self
+            .claimed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(port);
+        if first {
+            if let Err(e) = self.handle.claim(port, Vec::new()).await {
+                warn!(vm, %port, cause = %e, "claiming the NIC's location");
+            }
+        }
+        match self.handle.open(port).await {
+            Ok(()) => info!(vm, %port, "NIC open: the guest's location moved here"),
+            Err(e) => warn!(vm, %port, cause = %e, "opening the NIC"),
         }
     }
 
@@ -460,6 +507,7 @@ async fn dispatch(
     mut links_rx: mpsc::UnboundedReceiver<LinkMsg>,
     subscribers: broadcast::Sender<OverlayEvent>,
     linked: Arc<Mutex<HashSet<HostId>>>,
+    claimed: Arc<Mutex<HashSet<PortId>>>,
 ) {
     let mut links: HashMap<HostId, Link> = HashMap::new();
     let set_linked = |links: &HashMap<HostId, Link>| {
@@ -511,6 +559,19 @@ async fn dispatch(
                         }
                     }
                     set_linked(&links);
+                }
+                Some(OverlayEvent::RarpSeen { port, mac }) => {
+                    // QEMU sends its RARP train only once the incoming
+                    // state loaded and the VM is about to run here: the
+                    // earliest safe moment to claim (reference §0.3).
+                    let first = claimed.lock().unwrap_or_else(PoisonError::into_inner).insert(port);
+                    if first {
+                        info!(%port, %mac, "RARP from the arriving guest; claiming its location");
+                        if let Err(e) = handle.claim(port, Vec::new()).await {
+                            warn!(%port, cause = %e, "claim on RARP");
+                        }
+                    }
+                    let _ = subscribers.send(OverlayEvent::RarpSeen { port, mac });
                 }
                 Some(other) => {
                     // No subscriber is fine.

@@ -268,10 +268,41 @@ async fn create_vm(State(a): State<Arc<Agent>>, Json(req): Json<CreateVm>) -> Ap
         }),
         uuid: None,
     };
+    let mut spec = spec;
     spec.validate()
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))?;
-    let h = a.vms.launch(spec, LaunchMode::Fresh, None).await?;
-    Ok(Json(a.vms.info(&h).await))
+    // A NIC joins the agent's switch: the port must listen before QEMU
+    // starts, since QEMU 7.2's stream client connects once.
+    let net = match (&mut spec.nic, &a.network) {
+        (Some(nic), Some(net)) => {
+            if a.vms.get(&spec.name).is_ok() {
+                return Err(crate::vm::VmError::Exists(spec.name.clone()).into());
+            }
+            let path = net
+                .add_vm_port(&spec.name, &nic.mac, godwit_overlay::PortState::Open)
+                .await
+                .map_err(|e| {
+                    ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "network",
+                        crate::error_chain(&e),
+                    )
+                })?;
+            nic.netdev = NetdevSpec::Stream { path };
+            Some(net.clone())
+        }
+        _ => None,
+    };
+    let name = spec.name.clone();
+    match a.vms.launch(spec, LaunchMode::Fresh, None).await {
+        Ok(h) => Ok(Json(a.vms.info(&h).await)),
+        Err(e) => {
+            if let Some(net) = net {
+                net.remove_vm_port(&name).await;
+            }
+            Err(e.into())
+        }
+    }
 }
 
 async fn show_vm(State(a): State<Arc<Agent>>, Path(name): Path<String>) -> ApiResult<VmInfo> {
@@ -281,6 +312,9 @@ async fn show_vm(State(a): State<Arc<Agent>>, Path(name): Path<String>) -> ApiRe
 
 async fn stop_vm(State(a): State<Arc<Agent>>, Path(name): Path<String>) -> ApiResult<Value> {
     a.vms.stop(&name).await?;
+    if let Some(net) = &a.network {
+        net.remove_vm_port(&name).await;
+    }
     Ok(Json(json!({"stopped": name})))
 }
 

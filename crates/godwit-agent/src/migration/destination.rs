@@ -100,7 +100,7 @@ pub async fn prepare(
             format!("host {} is in maintenance: it takes no VM", agent.cfg.name),
         );
     }
-    let spec: VmSpec = match serde_json::from_value(vm) {
+    let mut spec: VmSpec = match serde_json::from_value(vm) {
         Ok(s) => s,
         Err(e) => return error(ErrorCode::BadRequest, format!("VM spec: {e}")),
     };
@@ -114,6 +114,9 @@ pub async fn prepare(
         );
     }
     let name = spec.name.clone();
+    if let Err(resp) = attach_incoming_nic(agent, &mut spec).await {
+        return resp;
+    }
     let vm = match agent
         .vms
         .launch(spec, LaunchMode::Incoming, Some(migration_id.clone()))
@@ -121,12 +124,17 @@ pub async fn prepare(
     {
         Ok(h) => h,
         Err(crate::vm::VmError::Exists(n)) => {
+            // The port was not attached: attach_incoming_nic refuses a
+            // name that runs here.
             return error(
                 ErrorCode::Conflict,
                 format!("a VM named {n:?} already runs on {}", agent.cfg.name),
-            )
+            );
         }
-        Err(e) => return error(ErrorCode::Internal, crate::error_chain(&e)),
+        Err(e) => {
+            detach_nic(agent, &name).await;
+            return error(ErrorCode::Internal, crate::error_chain(&e));
+        }
     };
     let socket = agent.cfg.run_dir.join(format!("in-{migration_id}.sock"));
     let _ = std::fs::remove_file(&socket);
@@ -136,6 +144,7 @@ pub async fn prepare(
             Ok(a) => format!("tcp:{a}"),
             Err(e) => {
                 agent.vms.remove(&vm).await;
+                detach_nic(agent, &name).await;
                 return error(
                     ErrorCode::Internal,
                     format!("no TCP port for a direct migration: {e}"),
@@ -156,6 +165,7 @@ pub async fn prepare(
     };
     if let Err(e) = setup.await {
         agent.vms.remove(&vm).await;
+        detach_nic(agent, &name).await;
         return error(ErrorCode::Internal, crate::error_chain(&e));
     }
     let (cancel, _) = watch::channel(None);
@@ -188,6 +198,53 @@ pub async fn prepare(
     ControlResponse::Prepared {
         migration_id,
         direct_uri: direct.then_some(uri),
+    }
+}
+
+/// Puts the arriving VM's NIC on this agent's switch as a pending port
+/// (it neither sends nor receives until the claim) and points QEMU at it.
+/// It must listen before QEMU starts: QEMU 7.2's stream client connects
+/// once, and a NIC whose link is down drops the post-migration RARP
+/// (reference §1.1). Without a network here the NIC is left unconnected.
+async fn attach_incoming_nic(agent: &Agent, spec: &mut VmSpec) -> Result<(), ControlResponse> {
+    let Some(nic) = &mut spec.nic else {
+        return Ok(());
+    };
+    if !matches!(nic.netdev, godwit_qemu::NetdevSpec::Stream { .. }) {
+        return Ok(());
+    }
+    let Some(net) = &agent.network else {
+        warn!(
+            vm = spec.name,
+            "the arriving VM's NIC stays unconnected: [network] is disabled here"
+        );
+        nic.netdev = godwit_qemu::NetdevSpec::None;
+        return Ok(());
+    };
+    if agent.vms.get(&spec.name).is_ok() {
+        return Err(error(
+            ErrorCode::Conflict,
+            format!(
+                "a VM named {:?} already runs on {}",
+                spec.name, agent.cfg.name
+            ),
+        ));
+    }
+    match net
+        .add_vm_port(&spec.name, &nic.mac, godwit_overlay::PortState::Pending)
+        .await
+    {
+        Ok(path) => {
+            nic.netdev = godwit_qemu::NetdevSpec::Stream { path };
+            Ok(())
+        }
+        Err(e) => Err(error(ErrorCode::Internal, crate::error_chain(&e))),
+    }
+}
+
+async fn detach_nic(agent: &Agent, vm: &str) {
+    if let Some(net) = &agent.network {
+        net.remove_vm_port(vm).await;
     }
 }
 
@@ -226,6 +283,7 @@ async fn settle_failure(agent: &Agent, job: &IncomingJob, reason: String) -> Inc
                 "incoming migration failed; discarding destination QEMU"
             );
             agent.vms.remove(&job.vm).await;
+            detach_nic(agent, &job.vm.spec.name).await;
         }
         IncomingOutcome::Running => adopt(agent, job),
         _ => {}
@@ -238,6 +296,10 @@ fn adopt(agent: &Agent, job: &IncomingJob) {
         *job.receiver_cpu_s.lock().unwrap_or_else(|p| p.into_inner()) = Some(job.cpu.seconds());
         agent.vms.set_state(&job.vm, VmState::Running);
         agent.metrics.incoming_completed.inc();
+        if let Some(net) = agent.network.clone() {
+            let vm = job.vm.spec.name.clone();
+            tokio::spawn(async move { net.activate(&vm).await });
+        }
         info!(
             migration = job.id,
             vm = job.vm.spec.name,
