@@ -87,6 +87,7 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
 pub fn router(agent: Arc<Agent>) -> Router {
     Router::new()
         .route("/v1/status", get(status))
+        .route("/v1/network", get(network_status))
         .route("/v1/vms", get(list_vms).post(create_vm))
         .route("/v1/vms/{name}", get(show_vm).delete(stop_vm))
         .route("/v1/vms/{name}/console", get(console))
@@ -221,6 +222,24 @@ async fn start_evacuation(
         };
         ApiError::new(status, code, crate::error_chain(&e))
     })
+}
+
+async fn network_status(State(a): State<Arc<Agent>>) -> ApiResult<Value> {
+    let Some(net) = &a.network else {
+        return Ok(Json(json!({"enabled": false})));
+    };
+    let st = net.status().await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "network",
+            crate::error_chain(&e),
+        )
+    })?;
+    let mut v = serde_json::to_value(st).unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        o.insert("enabled".into(), Value::Bool(true));
+    }
+    Ok(Json(v))
 }
 
 async fn list_vms(State(a): State<Arc<Agent>>) -> ApiResult<Vec<VmInfo>> {
