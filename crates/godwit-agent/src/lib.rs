@@ -232,7 +232,15 @@ pub async fn run(
     let state_dir_for_evacuations = cfg.state_dir.clone();
     let peers = peer::Peers::new(cfg.name.clone(), transport.clone(), cfg.peers.clone());
     let network = if cfg.network.enabled {
-        Some(network::Network::start(&cfg.name, &cfg.network, &cfg.run_dir, &peers).await?)
+        let net = network::Network::start(&cfg.name, &cfg.network, &peers).await?;
+        // VMs still running from before a restart: their QEMU listens again
+        // once the old switch's connection ended.
+        for vm in vms.all() {
+            if let Err(e) = net.attach(&vm, godwit_overlay::PortState::Open).await {
+                warn!(vm = vm.spec.name, cause = %error_chain(&e), "cannot reattach the NIC");
+            }
+        }
+        Some(net)
     } else {
         None
     };

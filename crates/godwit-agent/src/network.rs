@@ -38,7 +38,6 @@
 //! transport's (the peer's name comes from its pinned certificate).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -58,6 +57,8 @@ use tracing::{debug, info, warn, Instrument};
 use crate::config::NetworkSection;
 use crate::peer::Peers;
 use crate::relay::{read_first_frame, write_frame};
+use crate::vm::VmHandle;
+use godwit_qemu::NetdevSpec;
 
 /// Guest MTU that always fits a QUIC datagram: quinn starts at a 1200-byte
 /// UDP payload, minus the QUIC short header and AEAD tag (~40 bytes), minus
@@ -83,15 +84,6 @@ pub enum NetworkError {
     /// The NIC's MAC is not a MAC.
     #[error("NIC MAC {0:?} is not a MAC address")]
     BadMac(String),
-    /// The port directory could not be created.
-    #[error("creating {}", path.display())]
-    Dir {
-        /// Directory.
-        path: PathBuf,
-        /// Cause.
-        #[source]
-        source: std::io::Error,
-    },
 }
 
 /// Counters of the QUIC datagram transport.
@@ -139,6 +131,12 @@ impl DatagramStats {
             rx_dropped: g(&self.rx_dropped),
         }
     }
+}
+
+/// Checks a NIC's MAC before its VM starts.
+pub fn parse_mac(mac: &str) -> Result<MacAddr, NetworkError> {
+    mac.parse()
+        .map_err(|_| NetworkError::BadMac(mac.to_owned()))
 }
 
 /// [`RemoteTransport`] over the peers' QUIC connections.
@@ -204,7 +202,6 @@ pub struct Network {
     handle: OverlayHandle,
     vni: Vni,
     host: HostId,
-    dir: PathBuf,
     ports: Mutex<HashMap<String, PortId>>,
     next_port: AtomicU32,
     next_gen: AtomicU64,
@@ -232,7 +229,6 @@ impl Network {
     pub async fn start(
         name: &str,
         cfg: &NetworkSection,
-        run_dir: &Path,
         peers: &Peers,
     ) -> Result<Arc<Network>, crate::config::ConfigError> {
         let vni = cfg.vni()?;
@@ -273,7 +269,6 @@ impl Network {
             handle: handle.clone(),
             vni,
             host,
-            dir: run_dir.join("net"),
             ports: Mutex::new(HashMap::new()),
             next_port: AtomicU32::new(1),
             next_gen: AtomicU64::new(1),
@@ -307,40 +302,43 @@ impl Network {
         self.events.subscribe()
     }
 
-    /// Socket path of `vm`'s NIC.
-    pub fn socket_path(&self, vm: &str) -> PathBuf {
-        self.dir.join(format!("{vm}.sock"))
-    }
-
-    /// Attaches `vm`'s NIC (`mac`) to the switch in `state` and returns the
-    /// unix socket QEMU must connect to. Replaces an earlier port of `vm`.
-    pub async fn add_vm_port(
-        &self,
-        vm: &str,
-        mac: &str,
-        state: PortState,
-    ) -> Result<PathBuf, NetworkError> {
-        let mac: MacAddr = mac
-            .parse()
-            .map_err(|_| NetworkError::BadMac(mac.to_owned()))?;
-        std::fs::create_dir_all(&self.dir).map_err(|source| NetworkError::Dir {
-            path: self.dir.clone(),
-            source,
-        })?;
-        self.remove_vm_port(vm).await;
+    /// Attaches the NIC of `vm` (a VM whose spec has a `-netdev stream`
+    /// NIC) to the switch in `state`: the port connects to the socket its
+    /// QEMU listens on. Replaces an earlier port of the same VM. A VM
+    /// without such a NIC is left alone.
+    pub async fn attach(&self, vm: &VmHandle, state: PortState) -> Result<(), NetworkError> {
+        let Some(nic) = &vm.spec.nic else {
+            return Ok(());
+        };
+        if nic.netdev != NetdevSpec::Stream {
+            return Ok(());
+        }
+        let mac = parse_mac(&nic.mac)?;
+        let name = vm.spec.name.as_str();
+        self.remove_vm_port(name).await;
         let port = PortId(self.next_port.fetch_add(1, Ordering::Relaxed));
-        let path = self.socket_path(vm);
         let cfg = PortConfig {
             vni: self.vni,
             mac,
             allow_other_sources: false,
         };
         self.handle
-            .add_stream_port(port, cfg, state, path.clone())
+            .add_stream_port(port, cfg, state, vm.instance.net_socket.clone())
             .await?;
-        self.lock_ports().insert(vm.to_owned(), port);
-        info!(vm, %port, %mac, ?state, "NIC attached to the overlay");
-        Ok(path)
+        self.lock_ports().insert(name.to_owned(), port);
+        info!(vm = name, %port, %mac, ?state, "NIC attached to the overlay");
+        Ok(())
+    }
+
+    /// Points `vm`'s port at the NIC of its new QEMU on this host, which
+    /// listens at `socket` (a same-host handover, once the old QEMU
+    /// handed over and before the new one runs the guest).
+    pub async fn follow(&self, vm: &str, socket: &std::path::Path) -> Result<(), NetworkError> {
+        let Some(port) = self.port_of(vm) else {
+            return Ok(());
+        };
+        self.handle.retarget_port(port, socket).await?;
+        Ok(())
     }
 
     /// Detaches `vm`'s NIC, if it has one.

@@ -281,47 +281,39 @@ async fn create_vm(State(a): State<Arc<Agent>>, Json(req): Json<CreateVm>) -> Ap
         initrd: req.initrd,
         cmdline: req.cmdline,
         disk,
-        nic: req.mac.map(|mac| NicSpec {
-            mac,
-            netdev: NetdevSpec::None,
-        }),
+        nic: match req.mac {
+            Some(mac) => {
+                crate::network::parse_mac(&mac).map_err(|e| {
+                    ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string())
+                })?;
+                // On the agent's switch when it runs one; otherwise a NIC
+                // with no link.
+                let netdev = if a.network.is_some() {
+                    NetdevSpec::Stream
+                } else {
+                    NetdevSpec::None
+                };
+                Some(NicSpec { mac, netdev })
+            }
+            None => None,
+        },
         uuid: None,
     };
-    let mut spec = spec;
     spec.validate()
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))?;
-    // A NIC joins the agent's switch: the port must listen before QEMU
-    // starts, since QEMU 7.2's stream client connects once.
-    let net = match (&mut spec.nic, &a.network) {
-        (Some(nic), Some(net)) => {
-            if a.vms.get(&spec.name).is_ok() {
-                return Err(crate::vm::VmError::Exists(spec.name.clone()).into());
-            }
-            let path = net
-                .add_vm_port(&spec.name, &nic.mac, godwit_overlay::PortState::Open)
-                .await
-                .map_err(|e| {
-                    ApiError::new(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "network",
-                        crate::error_chain(&e),
-                    )
-                })?;
-            nic.netdev = NetdevSpec::Stream { path };
-            Some(net.clone())
-        }
-        _ => None,
-    };
-    let name = spec.name.clone();
-    match a.vms.launch(spec, LaunchMode::Fresh, None).await {
-        Ok(h) => Ok(Json(a.vms.info(&h).await)),
-        Err(e) => {
-            if let Some(net) = net {
-                net.remove_vm_port(&name).await;
-            }
-            Err(e.into())
+    let h = a.vms.launch(spec, LaunchMode::Fresh, None).await?;
+    if let Some(net) = &a.network {
+        if let Err(e) = net.attach(&h, godwit_overlay::PortState::Open).await {
+            // A VM that cannot reach its network is not what was asked for.
+            a.vms.remove(&h).await;
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "network",
+                crate::error_chain(&e),
+            ));
         }
     }
+    Ok(Json(a.vms.info(&h).await))
 }
 
 async fn show_vm(State(a): State<Arc<Agent>>, Path(name): Path<String>) -> ApiResult<VmInfo> {

@@ -114,9 +114,7 @@ pub async fn prepare(
         );
     }
     let name = spec.name.clone();
-    if let Err(resp) = attach_incoming_nic(agent, &mut spec).await {
-        return resp;
-    }
+    unplug_nic_without_network(agent, &mut spec);
     let vm = match agent
         .vms
         .launch(spec, LaunchMode::Incoming, Some(migration_id.clone()))
@@ -124,18 +122,23 @@ pub async fn prepare(
     {
         Ok(h) => h,
         Err(crate::vm::VmError::Exists(n)) => {
-            // The port was not attached: attach_incoming_nic refuses a
-            // name that runs here.
             return error(
                 ErrorCode::Conflict,
                 format!("a VM named {n:?} already runs on {}", agent.cfg.name),
             );
         }
-        Err(e) => {
-            detach_nic(agent, &name).await;
+        Err(e) => return error(ErrorCode::Internal, crate::error_chain(&e)),
+    };
+    // The port connects to the new QEMU's NIC before any state arrives:
+    // QEMU drops the post-migration RARP of a NIC with no peer (reference
+    // network-continuity §1.1). Pending: it neither sends nor receives
+    // until the claim.
+    if let Some(net) = &agent.network {
+        if let Err(e) = net.attach(&vm, godwit_overlay::PortState::Pending).await {
+            agent.vms.remove(&vm).await;
             return error(ErrorCode::Internal, crate::error_chain(&e));
         }
-    };
+    }
     let socket = agent.cfg.run_dir.join(format!("in-{migration_id}.sock"));
     let _ = std::fs::remove_file(&socket);
     let uri = if direct {
@@ -201,44 +204,20 @@ pub async fn prepare(
     }
 }
 
-/// Puts the arriving VM's NIC on this agent's switch as a pending port
-/// (it neither sends nor receives until the claim) and points QEMU at it.
-/// It must listen before QEMU starts: QEMU 7.2's stream client connects
-/// once, and a NIC whose link is down drops the post-migration RARP
-/// (reference §1.1). Without a network here the NIC is left unconnected.
-async fn attach_incoming_nic(agent: &Agent, spec: &mut VmSpec) -> Result<(), ControlResponse> {
-    let Some(nic) = &mut spec.nic else {
-        return Ok(());
-    };
-    if !matches!(nic.netdev, godwit_qemu::NetdevSpec::Stream { .. }) {
-        return Ok(());
+/// Leaves the arriving VM's stream NIC without a link when this agent
+/// runs no switch (the guest keeps its NIC, as hardware it migrated with).
+fn unplug_nic_without_network(agent: &Agent, spec: &mut VmSpec) {
+    if agent.network.is_some() {
+        return;
     }
-    let Some(net) = &agent.network else {
-        warn!(
-            vm = spec.name,
-            "the arriving VM's NIC stays unconnected: [network] is disabled here"
-        );
-        nic.netdev = godwit_qemu::NetdevSpec::None;
-        return Ok(());
-    };
-    if agent.vms.get(&spec.name).is_ok() {
-        return Err(error(
-            ErrorCode::Conflict,
-            format!(
-                "a VM named {:?} already runs on {}",
-                spec.name, agent.cfg.name
-            ),
-        ));
-    }
-    match net
-        .add_vm_port(&spec.name, &nic.mac, godwit_overlay::PortState::Pending)
-        .await
-    {
-        Ok(path) => {
-            nic.netdev = godwit_qemu::NetdevSpec::Stream { path };
-            Ok(())
+    if let Some(nic) = &mut spec.nic {
+        if nic.netdev == godwit_qemu::NetdevSpec::Stream {
+            warn!(
+                vm = spec.name,
+                "the arriving VM's NIC stays unconnected: [network] is disabled here"
+            );
+            nic.netdev = godwit_qemu::NetdevSpec::None;
         }
-        Err(e) => Err(error(ErrorCode::Internal, crate::error_chain(&e))),
     }
 }
 

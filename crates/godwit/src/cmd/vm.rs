@@ -64,9 +64,17 @@ pub struct CreateArgs {
     /// Disk image (raw or .qcow2) both ends of a migration can read.
     #[arg(long)]
     pub disk: Option<PathBuf>,
-    /// NIC MAC address.
+    /// NIC MAC address (default with --ip: derived from the VM name,
+    /// locally administered).
     #[arg(long)]
     pub mac: Option<String>,
+    /// The guest's eth0 address, ADDR/PREFIX (test guest image; gives the
+    /// VM a NIC on the agent's switch).
+    #[arg(long)]
+    pub ip: Option<String>,
+    /// The guest's default gateway (test guest image).
+    #[arg(long, requires = "ip")]
+    pub gateway: Option<String>,
     /// Wait until the in-guest tool has said hello.
     #[arg(long)]
     pub wait: bool,
@@ -99,6 +107,18 @@ pub async fn create_request(a: &CreateArgs, out: Out) -> Result<CreateVm> {
             (img.kernel, img.initrd, cmdline)
         }
     };
+    let mut cmdline = cmdline;
+    if let Some(ip) = &a.ip {
+        // Read by the image's init (godwit-image's init.sh).
+        cmdline.push_str(&format!(" godwit.ip={ip}"));
+        if let Some(gw) = &a.gateway {
+            cmdline.push_str(&format!(" godwit.gw={gw}"));
+        }
+    }
+    let mac = a
+        .mac
+        .clone()
+        .or_else(|| a.ip.as_ref().map(|_| mac_for(&a.name)));
     Ok(CreateVm {
         name: a.name.clone(),
         memory_mib: a.memory,
@@ -108,8 +128,33 @@ pub async fn create_request(a: &CreateArgs, out: Out) -> Result<CreateVm> {
         initrd: Some(initrd),
         cmdline,
         disk: a.disk.clone(),
-        mac: a.mac.clone(),
+        mac,
     })
+}
+
+/// A MAC for VM `name`: the same on every run and at every site, unicast
+/// and locally administered (`0x02` in the first byte), so it never takes
+/// a vendor's address. FNV-1a over the name gives the low four bytes.
+pub fn mac_for(name: &str) -> String {
+    let h = name.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    let [b0, b1, b2, b3] = h.to_be_bytes();
+    format!("02:67:{b0:02x}:{b1:02x}:{b2:02x}:{b3:02x}")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn derived_macs_are_stable_unicast_and_local() {
+        let m = super::mac_for("vm1");
+        assert_eq!(m, super::mac_for("vm1"));
+        assert_ne!(m, super::mac_for("vm2"));
+        let first = u8::from_str_radix(&m[..2], 16).unwrap();
+        assert_eq!(first & 0x03, 0x02, "{m}");
+        let bytes: Vec<_> = m.split(':').map(|b| u8::from_str_radix(b, 16)).collect();
+        assert!(bytes.len() == 6 && bytes.iter().all(Result::is_ok), "{m}");
+    }
 }
 
 /// Sends one guest command through an agent and returns the report.
