@@ -117,7 +117,7 @@ pub struct Agent {
 
 impl Agent {
     /// Gauges for `/metrics` and status.
-    pub fn gauges(&self) -> metrics::Gauges {
+    pub async fn gauges(&self) -> metrics::Gauges {
         let mut by_state = std::collections::BTreeMap::<String, u64>::new();
         for h in self.vms.all() {
             let s = serde_json::to_value(h.state())
@@ -147,6 +147,10 @@ impl Agent {
             vms_by_state: by_state.into_iter().collect(),
             peers,
             store: self.site.as_ref().map(|s| s.lock().stats()),
+            network: match &self.network {
+                Some(n) => n.status().await.ok(),
+                None => None,
+            },
         }
     }
 }

@@ -127,7 +127,7 @@ async fn count_requests(
 }
 
 async fn metrics(State(a): State<Arc<Agent>>) -> impl IntoResponse {
-    let body = a.metrics.render(&a.cfg.name, &a.gauges());
+    let body = a.metrics.render(&a.cfg.name, &a.gauges().await);
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -179,6 +179,14 @@ async fn status(State(a): State<Arc<Agent>>) -> ApiResult<AgentStatus> {
             .collect(),
         maintenance: a.evacuations.maintenance(),
         evacuation: a.evacuations.info(&a.cfg.name),
+        network: match &a.network {
+            Some(n) => n
+                .status()
+                .await
+                .ok()
+                .and_then(|s| serde_json::to_value(s).ok()),
+            None => None,
+        },
     }))
 }
 

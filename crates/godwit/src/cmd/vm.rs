@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use godwit_agent::api::types::{CreateVm, GuestRequest, VmInfo};
 use serde_json::Value;
@@ -90,6 +90,11 @@ pub struct GuestCmd {
     /// How long to wait for the answer, seconds.
     #[arg(long, default_value_t = 60)]
     pub timeout: u64,
+    /// For a probe that reports while it runs (udp_send, udp_recv,
+    /// tcp_echo_client): wait for its final report (within --timeout) and
+    /// print that one.
+    #[arg(long)]
+    pub until_done: bool,
 }
 
 /// Builds the create request, using the cached guest image by default.
@@ -143,20 +148,6 @@ pub fn mac_for(name: &str) -> String {
     format!("02:67:{b0:02x}:{b1:02x}:{b2:02x}:{b3:02x}")
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn derived_macs_are_stable_unicast_and_local() {
-        let m = super::mac_for("vm1");
-        assert_eq!(m, super::mac_for("vm1"));
-        assert_ne!(m, super::mac_for("vm2"));
-        let first = u8::from_str_radix(&m[..2], 16).unwrap();
-        assert_eq!(first & 0x03, 0x02, "{m}");
-        let bytes: Vec<_> = m.split(':').map(|b| u8::from_str_radix(b, 16)).collect();
-        assert!(bytes.len() == 6 && bytes.iter().all(Result::is_ok), "{m}");
-    }
-}
-
 /// Sends one guest command through an agent and returns the report.
 pub async fn guest_call(
     client: &godwit_agent::client::ApiClient,
@@ -169,6 +160,49 @@ pub async fn guest_call(
         timeout_ms: timeout.as_millis() as u64,
     };
     Ok(client.post(&format!("/v1/vms/{vm}/guest"), &req).await?)
+}
+
+/// How often [`guest_until_done`] looks for the final report.
+const REPORT_POLL: Duration = Duration::from_millis(250);
+
+/// Sends a probe command and waits for its final report (the one with the
+/// same id and `"done": true`), which the agent keeps in the VM's report
+/// log. The VM must stay on this agent's host meanwhile.
+pub async fn guest_until_done(
+    client: &godwit_agent::client::ApiClient,
+    vm: &str,
+    command: Value,
+    timeout: Duration,
+) -> Result<Value> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let first = guest_call(client, vm, command, timeout).await?;
+    let is_final = |r: &Value| r.get("done").and_then(Value::as_bool) != Some(false);
+    if is_final(&first) {
+        return Ok(first);
+    }
+    let id = first
+        .get("id")
+        .cloned()
+        .context("the guest's report has no id")?;
+    let mut since = 0u64;
+    loop {
+        let page: Value = client
+            .get(&format!("/v1/vms/{vm}/guest/reports?since={since}"))
+            .await?;
+        if let Some(done) = page["reports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r.get("id") == Some(&id) && r.get("done") == Some(&Value::Bool(true)))
+        {
+            return Ok(done.clone());
+        }
+        since = page["seq"].as_u64().unwrap_or(since);
+        if tokio::time::Instant::now() >= deadline {
+            bail!("no final report from {vm}'s probe {id} within {timeout:?}");
+        }
+        tokio::time::sleep(REPORT_POLL).await;
+    }
 }
 
 fn vm_line(v: &VmInfo) -> String {
@@ -237,9 +271,28 @@ pub async fn run(c: VmCmd, g: &Global, out: Out) -> Result<()> {
 pub async fn guest(c: GuestCmd, g: &Global, out: Out) -> Result<()> {
     let command: Value =
         serde_json::from_str(&c.command).context("the guest command must be JSON")?;
-    let v = guest_call(&g.client(), &c.vm, command, Duration::from_secs(c.timeout)).await?;
+    let timeout = Duration::from_secs(c.timeout);
+    let v = if c.until_done {
+        guest_until_done(&g.client(), &c.vm, command, timeout).await?
+    } else {
+        guest_call(&g.client(), &c.vm, command, timeout).await?
+    };
     out.result("guest", &v, || {
         serde_json::to_string_pretty(&v).unwrap_or_default()
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn derived_macs_are_stable_unicast_and_local() {
+        let m = super::mac_for("vm1");
+        assert_eq!(m, super::mac_for("vm1"));
+        assert_ne!(m, super::mac_for("vm2"));
+        let first = u8::from_str_radix(&m[..2], 16).unwrap();
+        assert_eq!(first & 0x03, 0x02, "{m}");
+        let bytes: Vec<_> = m.split(':').map(|b| u8::from_str_radix(b, 16)).collect();
+        assert!(bytes.len() == 6 && bytes.iter().all(Result::is_ok), "{m}");
+    }
 }
