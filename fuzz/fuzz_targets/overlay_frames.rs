@@ -1,7 +1,7 @@
 //! Fuzzes the overlay's parsers of untrusted frames (`godwit_overlay`): the
 //! QEMU `-netdev stream` decoder (bytes from QEMU's socket, i.e. from the
 //! guest), VXLAN decoding (UDP datagrams from any host that reaches port
-//! 4789), and the Ethernet/ARP/ND views of the frames inside, then the
+//! 4789), the QUIC overlay datagram header, and the Ethernet/ARP/ND views of the frames inside, then the
 //! switch itself with the frame arriving from a guest port and from a peer.
 //!
 //! Invariants checked:
@@ -10,6 +10,7 @@
 //!   is chunked, and never holds a complete record back;
 //! - a decoded VXLAN packet re-encodes (RFC form: flags 0x08, reserved 0)
 //!   to a packet that decodes to the same VNI and inner frame;
+//! - a decoded QUIC overlay datagram re-encodes to the same bytes;
 //! - a parsed ARP packet re-encodes to the bytes it came from;
 //! - the switch never delivers a frame back to its ingress port and never
 //!   sends a peer's frame to another peer unless as a single relay.
@@ -18,7 +19,7 @@
 use bytes::{Bytes, BytesMut};
 use godwit_overlay::frame::ArpPacket;
 use godwit_overlay::switch::{Action, Delivery, PortConfig, PortId, PortState, Switch};
-use godwit_overlay::{vxlan, EthernetFrame, HostId, MacAddr, StreamDecoder, StreamError, Vni};
+use godwit_overlay::{datagram, vxlan, EthernetFrame, HostId, MacAddr, StreamDecoder, StreamError, Vni};
 use libfuzzer_sys::fuzz_target;
 use std::time::Instant;
 
@@ -114,7 +115,15 @@ fuzz_target!(|data: &[u8]| {
         check_frame(p.inner);
     }
 
-    // 3. The input as a raw frame (TAP, `-netdev dgram`), through the switch.
+    // 3. The input as a QUIC overlay datagram: a decoded one re-encodes to
+    // the same bytes.
+    if let Ok((h, inner)) = datagram::decode(data) {
+        let mut out = BytesMut::new();
+        datagram::encode(&h, inner, &mut out);
+        assert_eq!(&out[..], data);
+    }
+
+    // 4. The input as a raw frame (TAP, `-netdev dgram`), through the switch.
     check_frame(data);
     check_switch(Bytes::copy_from_slice(data));
 });

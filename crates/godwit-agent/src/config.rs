@@ -89,6 +89,9 @@ pub struct AgentConfig {
     /// The site's page store.
     #[serde(default)]
     pub store: StoreSection,
+    /// The guest network (overlay switch).
+    #[serde(default)]
+    pub network: NetworkSection,
     /// Trusted peer agents.
     #[serde(default)]
     pub peers: Vec<PeerEntry>,
@@ -224,6 +227,72 @@ impl Default for StoreSection {
     }
 }
 
+/// `[network]`: the agent's virtual switch and the overlay between sites.
+///
+/// Every agent with the network enabled runs one switch; a VM NIC with a MAC
+/// is attached to it on network `vni`, and every configured peer joins that
+/// network (frames as QUIC datagrams, registry updates on a control stream).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkSection {
+    /// Run the switch (off: NICs are left unconnected).
+    pub enabled: bool,
+    /// The network (VXLAN network identifier, 24 bits) guest NICs join.
+    pub vni: u32,
+    /// Addresses of the distributed gateway, answered with the same MAC at
+    /// every site. Empty: no gateway.
+    pub gateway_ips: Vec<std::net::IpAddr>,
+    /// The gateway's MAC; default [`DEFAULT_GATEWAY_MAC`].
+    pub gateway_mac: Option<godwit_overlay::MacAddr>,
+}
+
+/// The gateway MAC when `[network] gateway_mac` is not set: locally
+/// administered (bit 1 of the first byte) and unicast, so it never collides
+/// with a vendor MAC, and the same at every site by construction.
+pub const DEFAULT_GATEWAY_MAC: godwit_overlay::MacAddr =
+    godwit_overlay::MacAddr([0x02, 0x67, 0x64, 0x77, 0x00, 0x01]);
+
+/// The network guest NICs join unless `[network] vni` says otherwise.
+pub const DEFAULT_VNI: u32 = 1;
+
+impl Default for NetworkSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            vni: DEFAULT_VNI,
+            gateway_ips: Vec::new(),
+            gateway_mac: None,
+        }
+    }
+}
+
+impl NetworkSection {
+    /// The network as a [`godwit_overlay::Vni`].
+    pub fn vni(&self) -> Result<godwit_overlay::Vni, ConfigError> {
+        godwit_overlay::Vni::new(self.vni).map_err(|_| {
+            ConfigError::Invalid(format!("network.vni {} does not fit in 24 bits", self.vni))
+        })
+    }
+
+    /// The distributed gateway, if addresses are configured.
+    pub fn gateway(&self) -> Option<godwit_overlay::GatewayConfig> {
+        if self.gateway_ips.is_empty() {
+            return None;
+        }
+        let mut gw = godwit_overlay::GatewayConfig {
+            mac: self.gateway_mac.unwrap_or(DEFAULT_GATEWAY_MAC),
+            ..Default::default()
+        };
+        for ip in &self.gateway_ips {
+            match ip {
+                std::net::IpAddr::V4(a) => gw.ipv4.push(*a),
+                std::net::IpAddr::V6(a) => gw.ipv6.push(*a),
+            }
+        }
+        Some(gw)
+    }
+}
+
 /// Default bound of the page store: 8 GiB.
 pub const DEFAULT_STORE_BYTES: u64 = 8 << 30;
 
@@ -341,6 +410,7 @@ impl AgentConfig {
                     ))
                 })?;
         }
+        self.network.vni()?;
         if self.migration.downtime_limit_ms == 0 || self.migration.downtime_limit_ms > 2_000_000 {
             return Err(ConfigError::Invalid(
                 "migration.downtime_limit_ms must be 1..=2000000".into(),
@@ -446,6 +516,7 @@ pub fn init(opts: &InitOptions) -> Result<InitReport, ConfigError> {
         migration: MigrationSection::default(),
         transport: TransportSection::default(),
         store: StoreSection::default(),
+        network: NetworkSection::default(),
         peers: Vec::new(),
     };
     cfg.validate()?;

@@ -17,6 +17,8 @@
 //! - [`rpgate`]: the destination's gate on QEMU's return path (who owns the VM).
 //! - [`migration`]: the source and destination state machines.
 //! - [`metrics`]: Prometheus counters.
+//! - [`network`]: the guest network: overlay switch, QUIC datagram
+//!   transport and registry links to peers.
 #![warn(missing_docs)]
 
 pub mod api;
@@ -28,6 +30,7 @@ pub mod guest;
 pub mod memcodec;
 pub mod metrics;
 pub mod migration;
+pub mod network;
 pub mod pace;
 pub mod peer;
 pub mod relay;
@@ -108,11 +111,13 @@ pub struct Agent {
     pub site: Option<Arc<site::Site>>,
     /// Maintenance mode and host evacuation.
     pub evacuations: evacuate::Evacuations,
+    /// The guest network, unless `[network] enabled = false`.
+    pub network: Option<Arc<network::Network>>,
 }
 
 impl Agent {
     /// Gauges for `/metrics` and status.
-    pub fn gauges(&self) -> metrics::Gauges {
+    pub async fn gauges(&self) -> metrics::Gauges {
         let mut by_state = std::collections::BTreeMap::<String, u64>::new();
         for h in self.vms.all() {
             let s = serde_json::to_value(h.state())
@@ -142,6 +147,10 @@ impl Agent {
             vms_by_state: by_state.into_iter().collect(),
             peers,
             store: self.site.as_ref().map(|s| s.lock().stats()),
+            network: match &self.network {
+                Some(n) => n.status().await.ok(),
+                None => None,
+            },
         }
     }
 }
@@ -225,9 +234,24 @@ pub async fn run(
         None
     };
     let state_dir_for_evacuations = cfg.state_dir.clone();
+    let peers = peer::Peers::new(cfg.name.clone(), transport.clone(), cfg.peers.clone());
+    let network = if cfg.network.enabled {
+        let net = network::Network::start(&cfg.name, &cfg.network, &peers).await?;
+        // VMs still running from before a restart: their QEMU listens again
+        // once the old switch's connection ended.
+        for vm in vms.all() {
+            if let Err(e) = net.attach(&vm, godwit_overlay::PortState::Open).await {
+                warn!(vm = vm.spec.name, cause = %error_chain(&e), "cannot reattach the NIC");
+            }
+        }
+        Some(net)
+    } else {
+        None
+    };
     let agent = Arc::new(Agent {
         site,
-        peers: peer::Peers::new(cfg.name.clone(), transport.clone(), cfg.peers.clone()),
+        network,
+        peers,
         cfg,
         config_path,
         vms,
@@ -329,6 +353,11 @@ async fn handle_stream(agent: Arc<Agent>, s: IncomingStream) {
         }
         StreamPurpose::Memory => {
             migration::destination::accept_memory_stream(agent, peer, send, recv).await
+        }
+        StreamPurpose::NetworkFrames if agent.network.is_some() => {
+            if let Some(n) = &agent.network {
+                n.run_link(&peer, send, recv).await;
+            }
         }
         other => {
             debug!(?other, "no handler for this stream purpose yet");

@@ -94,6 +94,8 @@ pub struct Gauges {
     pub peers: Vec<(String, bool, f64, u64, u64, u64)>,
     /// The site store's figures, if there is one.
     pub store: Option<godwit_sitestore::StoreStats>,
+    /// The guest network's figures, if it runs.
+    pub network: Option<crate::network::NetworkStatus>,
 }
 
 /// Writes one metric family: HELP and TYPE, then one sample per label
@@ -211,6 +213,80 @@ impl Metrics {
                 .map(|(k, v)| (vec![("figure", k.to_string())], v)),
             );
         }
+        if let Some(n) = &g.network {
+            let r = &n.overlay.switch.registry;
+            family(
+                &mut o,
+                agent,
+                "network_registry",
+                "gauge",
+                "Location registry (entries and frozen_now now; the rest count since start).",
+                [
+                    ("entries", r.entries),
+                    ("moves", r.moves),
+                    ("claims", r.claims),
+                    ("updates_applied", r.updates_applied),
+                    ("updates_ignored", r.updates_ignored),
+                    ("rejected", r.rejected),
+                    ("freezes", r.freezes),
+                    ("frozen_now", r.frozen_now),
+                ]
+                .map(|(k, v)| (vec![("figure", k.to_string())], v)),
+            );
+            let sw = &n.overlay.switch.stats;
+            family(
+                &mut o,
+                agent,
+                "network_switch_total",
+                "counter",
+                "Guest switch events: switchover steps and frames.",
+                [
+                    ("fences", sw.fences),
+                    ("claims", sw.claims),
+                    ("opens", sw.opens),
+                    ("announcements", sw.announcements),
+                    ("rarp_seen", sw.rarp_seen),
+                    ("delivered", sw.delivered),
+                    ("sent_remote", sw.sent_remote),
+                    ("flooded", sw.flooded),
+                ]
+                .map(|(k, v)| (vec![("event", k.to_string())], v)),
+            );
+            family(
+                &mut o,
+                agent,
+                "network_location_seq",
+                "gauge",
+                "Mobility sequence number of each guest MAC, labelled with where it is.",
+                n.overlay.switch.locations.iter().map(|e| {
+                    (
+                        vec![
+                            ("mac", e.mac.to_string()),
+                            ("host", e.location.host.to_string()),
+                        ],
+                        e.location.seq,
+                    )
+                }),
+            );
+            let d = &n.datagrams;
+            family(
+                &mut o,
+                agent,
+                "network_datagrams_total",
+                "counter",
+                "Guest frames as QUIC datagrams, and why some were dropped.",
+                [
+                    ("tx", d.tx),
+                    ("tx_too_big", d.tx_too_big),
+                    ("tx_no_connection", d.tx_no_connection),
+                    ("tx_errors", d.tx_errors),
+                    ("rx", d.rx),
+                    ("rx_malformed", d.rx_malformed),
+                    ("rx_dropped", d.rx_dropped),
+                ]
+                .map(|(k, v)| (vec![("what", k.to_string())], v)),
+            );
+        }
         family(
             &mut o,
             agent,
@@ -279,6 +355,7 @@ mod tests {
             vms_by_state: vec![("running".into(), 2)],
             peers: vec![("b".into(), true, 0.26, 10, 20, 0)],
             store: Some(godwit_sitestore::StoreStats::default()),
+            network: None,
         };
         m.memory_pages[2].add(7);
         let t = m.render("a", &g);

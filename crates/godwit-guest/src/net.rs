@@ -25,7 +25,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
 use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
-use crate::proto::{Report, Role};
+use crate::proto::{Report, Role, UdpGap};
 use crate::sys;
 
 /// `GWUD` in little-endian.
@@ -41,6 +41,13 @@ pub const UDP_MAX_PAYLOAD: u32 = 65_507;
 /// above the send interval of any sensible test rate, well below a
 /// migration blackout.
 pub const UDP_GAP_THRESHOLD_MS: u64 = 100;
+
+/// Inter-arrival gaps of at least this are listed in the receiver's final
+/// report ([`Report::Udp`]'s `gap_list`).
+pub const UDP_GAP_LIST_MS: u64 = 20;
+
+/// At most this many gaps are listed; later ones are only counted.
+pub const UDP_GAP_LIST_MAX: usize = 1024;
 
 /// Sequence numbers the receiver tracks for duplicate detection (a bitmap
 /// of 8 MiB); later ones are still counted but not checked for duplicates.
@@ -140,6 +147,8 @@ pub struct UdpAnalyzer {
     pub max_gap_ms: u64,
     /// Highest sequence number seen.
     pub max_seq: Option<u64>,
+    /// Gaps of at least [`UDP_GAP_LIST_MS`], the first [`UDP_GAP_LIST_MAX`].
+    pub gap_list: Vec<UdpGap>,
     last_arrival_ms: Option<u64>,
 }
 
@@ -152,6 +161,12 @@ impl UdpAnalyzer {
             self.max_gap_ms = self.max_gap_ms.max(gap);
             if gap > UDP_GAP_THRESHOLD_MS {
                 self.gaps += 1;
+            }
+            if gap >= UDP_GAP_LIST_MS && self.gap_list.len() < UDP_GAP_LIST_MAX {
+                self.gap_list.push(UdpGap {
+                    end_ms: now_ms,
+                    gap_ms: gap,
+                });
             }
         }
         self.last_arrival_ms = Some(now_ms);
@@ -197,6 +212,11 @@ impl UdpAnalyzer {
             gaps: self.gaps,
             max_gap_ms: self.max_gap_ms,
             max_seq: self.max_seq,
+            gap_list: if done {
+                self.gap_list.clone()
+            } else {
+                Vec::new()
+            },
         }
     }
 }
@@ -242,6 +262,7 @@ pub fn udp_send(
         gaps: 0,
         max_gap_ms: 0,
         max_seq: seq.checked_sub(1),
+        gap_list: Vec::new(),
     };
     loop {
         let now = Instant::now();
@@ -515,6 +536,14 @@ mod tests {
         assert_eq!(a.max_gap_ms, 300);
         assert_eq!(a.gaps, 1);
         assert_eq!(a.max_seq, Some(6));
+        // Gaps of 20 ms and more are listed with when they ended.
+        assert_eq!(
+            a.gap_list,
+            vec![UdpGap {
+                end_ms: 341,
+                gap_ms: 300
+            }]
+        );
         let mut buf = [0u8; 100];
         encode_udp(&mut buf, 42, 7);
         assert_eq!(decode_udp(&buf), Some((42, 7)));

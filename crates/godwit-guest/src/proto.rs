@@ -324,6 +324,16 @@ pub enum Role {
     Receiver,
 }
 
+/// One inter-arrival gap seen by a UDP receiver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UdpGap {
+    /// When the datagram that ended the gap arrived, ms since the receiver
+    /// started.
+    pub end_ms: u64,
+    /// The gap, ms.
+    pub gap_ms: u64,
+}
+
 /// Guest -> host reports.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "report", rename_all = "snake_case")]
@@ -414,6 +424,12 @@ pub enum Report {
         max_gap_ms: u64,
         /// Highest sequence number seen (receiver) or sent (sender).
         max_seq: Option<u64>,
+        /// Receiver, final report only: every inter-arrival gap of at least
+        /// [`crate::net::UDP_GAP_LIST_MS`] (the first
+        /// [`crate::net::UDP_GAP_LIST_MAX`]), so a caller can tell which
+        /// gap belongs to which event.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        gap_list: Vec<UdpGap>,
     },
     /// TCP echo figures: every second while running and once at the end.
     Tcp {
@@ -632,6 +648,10 @@ mod tests {
                 gaps: 1,
                 max_gap_ms: 300,
                 max_seq: Some(10),
+                gap_list: vec![UdpGap {
+                    end_ms: 5000,
+                    gap_ms: 240,
+                }],
             },
             Report::Tcp {
                 id: 6,

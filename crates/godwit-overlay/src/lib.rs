@@ -22,6 +22,8 @@
 //!   (unsolicited) Neighbour Advertisements.
 //! - [`stream`]: QEMU `-netdev stream` framing (4-byte big-endian length).
 //! - [`vxlan`]: RFC 7348 header and [`Vni`], the network identifier.
+//! - [`datagram`]: the header of frames carried as QUIC datagrams between
+//!   agents (VNI, delivery, ack).
 //! - [`registry`]: the location registry, its update messages and the
 //!   flapping (split-brain) detector.
 //! - [`switch`]: the agent's L2 switch, the distributed gateway, the
@@ -31,6 +33,7 @@
 //!   QEMU stream ports, the [`RemoteTransport`] trait and [`VxlanTransport`].
 #![warn(missing_docs)]
 
+pub mod datagram;
 pub mod dedup;
 pub mod frame;
 pub mod registry;

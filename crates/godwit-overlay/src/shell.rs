@@ -7,8 +7,8 @@
 //!
 //! ```mermaid
 //! flowchart LR
-//!     Q1[QEMU 1] -- unix stream --> A1[port 1 tasks]
-//!     Q2[QEMU 2] -- unix stream --> A2[port 2 tasks]
+//!     A1[port 1 tasks] -- unix stream --> Q1[QEMU 1]
+//!     A2[port 2 tasks] -- unix stream --> Q2[QEMU 2]
 //!     A1 -- Input --> D[driver: Switch]
 //!     A2 -- Input --> D
 //!     R[VxlanReceiver / QUIC] -- RemoteSink --> D
@@ -20,13 +20,16 @@
 //!
 //! # Ports
 //!
-//! A guest NIC is a QEMU 7.2 `-netdev stream,server=off,addr.type=unix`
-//! client (see `godwit-qemu`'s `args.rs`): the agent listens on the port's
-//! unix socket and QEMU connects. Each connection carries
-//! [`crate::stream`] records both ways. A new connection on the same path
-//! replaces the current one (QEMU restarted, or a new QEMU took over on a
-//! same-host handover): frames for the port go to the newest connection
-//! only, and the old one is closed.
+//! A guest NIC is a QEMU 7.2 `-netdev stream,server=on,addr.type=unix`
+//! server (see `godwit-qemu`'s `args.rs`): QEMU listens on its instance's
+//! socket and the port connects to it, retrying until QEMU listens and
+//! again whenever the connection ends (QEMU listens again then). QEMU is
+//! the server because a 7.2 client never reconnects: with the roles the
+//! other way round, restarting the agent would cut every guest off for
+//! good (reference network-continuity §1.1). Each connection carries
+//! [`crate::stream`] records both ways. [`OverlayHandle::retarget_port`]
+//! points a port at another QEMU (a same-host handover): the old connection
+//! is closed and frames go to the new one once it is up.
 //!
 //! # Remotes
 //!
@@ -56,14 +59,13 @@ use bytes::{Bytes, BytesMut};
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::unix::fs::FileTypeExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::UnixListener;
+use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, trace, warn};
@@ -82,9 +84,15 @@ pub const ROUTE_QUEUE: usize = 256;
 /// Bytes read from a QEMU connection at a time: one maximal stream record
 /// fits, so a big frame needs few reads.
 pub const PORT_READ_BUF: usize = 64 * 1024;
-/// Pause after a failed `accept` (e.g. out of file descriptors), so the
-/// listener does not spin.
-pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Pause between attempts to connect to a port's QEMU while it is not
+/// listening yet (starting) or not again (just disconnected): short, since
+/// QEMU drops what its guest sends until a peer is connected.
+pub const DIAL_RETRY: Duration = Duration::from_millis(5);
+/// After this many failed attempts in a row the port retries at
+/// [`DIAL_RETRY_SLOW`]: its QEMU is probably gone for good.
+pub const DIAL_FAST_ATTEMPTS: u32 = 400;
+/// Pause between attempts once [`DIAL_FAST_ATTEMPTS`] have failed.
+pub const DIAL_RETRY_SLOW: Duration = Duration::from_millis(250);
 /// Largest UDP payload received: the IPv4 maximum, so no VXLAN datagram is
 /// ever truncated.
 pub const MAX_DATAGRAM: usize = 65_535;
@@ -101,21 +109,9 @@ pub enum OverlayError {
     /// The switch refused a switchover or port operation.
     #[error("overlay switch refused the request")]
     Switch(#[from] SwitchError),
-    /// The port's unix socket could not be created.
-    #[error("cannot listen for port {port} on {}", path.display())]
-    BindPort {
-        /// Port.
-        port: PortId,
-        /// Socket path.
-        path: PathBuf,
-        /// Cause.
-        #[source]
-        source: io::Error,
-    },
-    /// Something that is not a socket sits at the port's path; it is left
-    /// alone rather than deleted.
-    #[error("{} exists and is not a socket", .0.display())]
-    PathInUse(PathBuf),
+    /// A command named a port the shell does not have.
+    #[error("no port {0}")]
+    NoPort(PortId),
     /// The overlay UDP socket could not be set up.
     #[error("cannot set up the VXLAN socket on {addr}")]
     Udp {
@@ -151,6 +147,17 @@ pub trait RemoteTransport: Send + Sync + 'static {
 pub enum OverlayEvent {
     /// Send this registry update to every peer's control channel, in order.
     Push(RegistryUpdate),
+    /// The full sync after [`OverlayHandle::reset_peer`]: send these to
+    /// `site` only, on its new control channel, before any later
+    /// [`OverlayEvent::Push`]. Pushes reported before this event predate
+    /// the reset and must not go to the new channel (the switch counts
+    /// updates per channel, see [`crate::dedup`]).
+    Sync {
+        /// The peer whose channel was replaced.
+        site: HostId,
+        /// Every location held here.
+        updates: Vec<RegistryUpdate>,
+    },
     /// A peer took the port's MAC over and the port was fenced.
     PortFenced {
         /// Port.
@@ -193,8 +200,8 @@ pub struct RoutedFrame {
 pub struct ShellStats {
     /// QEMU connections accepted.
     pub connections: u64,
-    /// QEMU connections that replaced a live one on the same port.
-    pub replaced_connections: u64,
+    /// Ports pointed at another QEMU ([`OverlayHandle::retarget_port`]).
+    pub retargets: u64,
     /// Frames for a port with no QEMU connected.
     pub tx_not_connected: u64,
     /// Frames dropped because a port's queue was full.
@@ -239,6 +246,7 @@ enum Command {
         reply: oneshot::Sender<Result<(), OverlayError>>,
     },
     RemovePort(PortId, oneshot::Sender<Result<(), OverlayError>>),
+    RetargetPort(PortId, PathBuf, oneshot::Sender<Result<(), OverlayError>>),
     AddRemote(Vni, HostId),
     RemoveRemote(Vni, HostId),
     SetGateway(Vni, Option<GatewayConfig>),
@@ -300,9 +308,10 @@ impl std::fmt::Debug for Input {
 }
 
 impl OverlayHandle {
-    /// Attaches a guest port that QEMU reaches as a `-netdev stream` client
-    /// at `path` (a stale socket there is replaced). `state` is `Pending` on
-    /// a migration destination, `Open` for a VM that boots here.
+    /// Attaches a guest port whose QEMU listens as a `-netdev stream` server
+    /// at `path`; the port connects (and reconnects) to it. `state` is
+    /// `Pending` on a migration destination, `Open` for a VM that boots
+    /// here.
     pub async fn add_stream_port(
         &self,
         port: PortId,
@@ -321,10 +330,21 @@ impl OverlayHandle {
         .await?
     }
 
-    /// Detaches a port: closes its socket, removes its path and withdraws
-    /// its locations.
+    /// Detaches a port: closes its connection and withdraws its locations.
     pub async fn remove_port(&self, port: PortId) -> Result<(), OverlayError> {
         self.ask(|r| Command::RemovePort(port, r)).await?
+    }
+
+    /// Points `port` at the QEMU listening at `path` (a same-host handover
+    /// to a new QEMU): the current connection closes now, and frames for
+    /// the port are dropped until the new one is up.
+    pub async fn retarget_port(
+        &self,
+        port: PortId,
+        path: impl Into<PathBuf>,
+    ) -> Result<(), OverlayError> {
+        let path = path.into();
+        self.ask(|r| Command::RetargetPort(port, path, r)).await?
     }
 
     /// Joins peer `site` to network `vni`.
@@ -379,7 +399,7 @@ impl OverlayHandle {
     }
 
     /// The control connection to `site` was replaced ([`Switch::reset_peer`]);
-    /// the full sync comes out as [`OverlayEvent::Push`] events.
+    /// the full sync comes out as one [`OverlayEvent::Sync`] event.
     pub async fn reset_peer(&self, site: HostId) -> Result<(), OverlayError> {
         self.tell(Command::ResetPeer(site)).await
     }
@@ -462,8 +482,10 @@ impl Drop for AbortOnDrop {
 
 #[derive(Debug)]
 struct PortIo {
+    /// Where the port's QEMU listens.
     path: PathBuf,
-    _acceptor: AbortOnDrop,
+    /// The [`dial_loop`] task; the connection's tasks end with it.
+    _dialer: AbortOnDrop,
     conn: Option<(u64, mpsc::Sender<Bytes>)>,
 }
 
@@ -572,10 +594,28 @@ impl OverlaySwitch {
                 if let Ok(actions) = &r {
                     self.execute(actions.clone());
                 }
-                if let Some(io) = self.ports.remove(&port) {
-                    remove_socket(&io.path);
-                }
+                self.ports.remove(&port);
                 let _ = reply.send(r.map(|_| ()));
+            }
+            Command::RetargetPort(port, path, reply) => {
+                let r = match self.ports.get_mut(&port) {
+                    Some(io) => {
+                        info!(%port, path = %path.display(), "port follows its VM to another QEMU");
+                        self.stats.retargets += 1;
+                        if io.conn.take().is_some() {
+                            let _ = self.events.send(OverlayEvent::PortDisconnected { port });
+                        }
+                        io._dialer = AbortOnDrop(tokio::spawn(dial_loop(
+                            port,
+                            path.clone(),
+                            self.input_tx.clone(),
+                        )));
+                        io.path = path;
+                        Ok(())
+                    }
+                    None => Err(OverlayError::NoPort(port)),
+                };
+                let _ = reply.send(r);
             }
             Command::AddRemote(vni, site) => self.switch.add_remote(vni, site),
             Command::RemoveRemote(vni, site) => self.switch.remove_remote(vni, &site),
@@ -597,8 +637,21 @@ impl OverlaySwitch {
                 self.execute(actions);
             }
             Command::ResetPeer(site) => {
-                let actions = self.switch.reset_peer(&site);
-                self.execute(actions);
+                let updates = self
+                    .switch
+                    .reset_peer(&site)
+                    .into_iter()
+                    .filter_map(|a| match a {
+                        Action::Push(u) => Some(u),
+                        // reset_peer only returns pushes; anything else
+                        // would be a new kind of action to perform.
+                        other => {
+                            self.execute(vec![other]);
+                            None
+                        }
+                    })
+                    .collect();
+                let _ = self.events.send(OverlayEvent::Sync { site, updates });
             }
             Command::Status(reply) => {
                 let _ = reply.send(OverlayStatus {
@@ -632,28 +685,14 @@ impl OverlaySwitch {
         if self.ports.contains_key(&port) {
             return Err(SwitchError::DuplicatePort(port).into());
         }
-        match std::fs::symlink_metadata(&path) {
-            Ok(m) if m.file_type().is_socket() => remove_socket(&path),
-            Ok(_) => return Err(OverlayError::PathInUse(path)),
-            Err(_) => {}
-        }
-        let listener = UnixListener::bind(&path).map_err(|source| OverlayError::BindPort {
-            port,
-            path: path.clone(),
-            source,
-        })?;
-        if let Err(e) = self.switch.add_port(port, cfg, state) {
-            drop(listener);
-            remove_socket(&path);
-            return Err(e.into());
-        }
-        info!(%port, mac = %cfg.mac, vni = %cfg.vni, ?state, path = %path.display(), "stream port listening");
-        let acceptor = tokio::spawn(accept_loop(port, listener, self.input_tx.clone()));
+        self.switch.add_port(port, cfg, state)?;
+        info!(%port, mac = %cfg.mac, vni = %cfg.vni, ?state, path = %path.display(), "stream port added");
+        let dialer = tokio::spawn(dial_loop(port, path.clone(), self.input_tx.clone()));
         self.ports.insert(
             port,
             PortIo {
                 path,
-                _acceptor: AbortOnDrop(acceptor),
+                _dialer: AbortOnDrop(dialer),
                 conn: None,
             },
         );
@@ -683,9 +722,7 @@ impl OverlaySwitch {
                     return;
                 };
                 self.stats.connections += 1;
-                if io.conn.replace((conn, tx)).is_some() {
-                    self.stats.replaced_connections += 1;
-                }
+                io.conn = Some((conn, tx));
                 let _ = self.events.send(OverlayEvent::PortConnected { port });
             }
             Input::Disconnected {
@@ -752,9 +789,7 @@ impl OverlaySwitch {
     }
 
     fn close_all(&mut self) {
-        for (_, io) in std::mem::take(&mut self.ports) {
-            remove_socket(&io.path);
-        }
+        self.ports.clear();
     }
 }
 
@@ -762,55 +797,63 @@ fn now() -> std::time::Instant {
     tokio::time::Instant::now().into_std()
 }
 
-fn remove_socket(path: &Path) {
-    if let Err(e) = std::fs::remove_file(path) {
-        if e.kind() != io::ErrorKind::NotFound {
-            warn!(path = %path.display(), cause = %e, "cannot remove port socket");
-        }
-    }
-}
+/// Connection ids, unique over the shell's life, so a connection's end is
+/// never taken for its successor's.
+static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
 
-/// Accepts QEMU connections on one port; the newest replaces the current.
-async fn accept_loop(port: PortId, listener: UnixListener, input: mpsc::Sender<Input>) {
-    let mut conn_id = 0u64;
-    let mut current: Option<(AbortOnDrop, AbortOnDrop)> = None;
+/// Keeps one port connected to the QEMU listening at `path`: connects,
+/// runs the connection until it ends, and connects again (QEMU listens
+/// again after its peer goes away). Ends when aborted (port removed or
+/// retargeted) or when the driver is gone.
+async fn dial_loop(port: PortId, path: PathBuf, input: mpsc::Sender<Input>) {
+    let mut failures = 0u32;
     loop {
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
+        let stream = match UnixStream::connect(&path).await {
+            Ok(s) => s,
             Err(e) => {
-                warn!(%port, cause = %e, "accept failed");
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                failures = failures.saturating_add(1);
+                if failures == DIAL_FAST_ATTEMPTS {
+                    warn!(%port, path = %path.display(), cause = %e, "QEMU does not listen on the port's socket; still trying");
+                }
+                let pause = if failures < DIAL_FAST_ATTEMPTS {
+                    DIAL_RETRY
+                } else {
+                    DIAL_RETRY_SLOW
+                };
+                tokio::time::sleep(pause).await;
                 continue;
             }
         };
-        conn_id += 1;
-        if current.take().is_some() {
-            info!(%port, conn = conn_id, "new QEMU connection replaces the current one");
-        } else {
-            info!(%port, conn = conn_id, "QEMU connected");
-        }
+        failures = 0;
+        let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
+        info!(%port, conn, "connected to QEMU");
         let (rd, wr) = stream.into_split();
         let (tx, rx) = mpsc::channel(PORT_TX_QUEUE);
         // Announced before the reader starts, so the driver knows where to
         // answer the connection's first frame.
         if input
-            .send(Input::Connected {
-                port,
-                conn: conn_id,
-                tx,
-            })
+            .send(Input::Connected { port, conn, tx })
             .await
             .is_err()
         {
             return;
         }
-        let w = tokio::spawn(write_loop(port, wr, rx));
-        let r = tokio::spawn(read_loop(port, conn_id, rd, input.clone()));
-        current = Some((AbortOnDrop(r), AbortOnDrop(w)));
+        let _writer = AbortOnDrop(tokio::spawn(write_loop(port, wr, rx)));
+        if !read_loop(port, conn, rd, &input).await {
+            return;
+        }
+        tokio::time::sleep(DIAL_RETRY).await;
     }
 }
 
-async fn read_loop(port: PortId, conn: u64, mut rd: OwnedReadHalf, input: mpsc::Sender<Input>) {
+/// Reads one connection until it ends and reports the end; false when the
+/// driver is gone.
+async fn read_loop(
+    port: PortId,
+    conn: u64,
+    mut rd: OwnedReadHalf,
+    input: &mpsc::Sender<Input>,
+) -> bool {
     let mut dec = StreamDecoder::new();
     let mut buf = vec![0u8; PORT_READ_BUF];
     let stream_error = loop {
@@ -837,17 +880,18 @@ async fn read_loop(port: PortId, conn: u64, mut rd: OwnedReadHalf, input: mpsc::
         }
         while let Some(frame) = dec.poll_frame() {
             if input.send(Input::Local { port, frame }).await.is_err() {
-                return;
+                return false;
             }
         }
     };
-    let _ = input
+    input
         .send(Input::Disconnected {
             port,
             conn,
             stream_error,
         })
-        .await;
+        .await
+        .is_ok()
 }
 
 async fn write_loop(port: PortId, mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Bytes>) {
@@ -1145,7 +1189,7 @@ mod tests {
     use crate::frame::{arp_request, EthernetFrame};
     use std::net::Ipv4Addr;
     use std::sync::Mutex;
-    use tokio::net::UnixStream;
+    use tokio::net::UnixListener;
 
     /// Records what the switch sends to peers.
     #[derive(Default)]
@@ -1203,6 +1247,9 @@ mod tests {
         let rec = Arc::new(Recorder::default());
         let (h, mut out) = OverlaySwitch::spawn(HostId::new("a"), rec.clone());
         h.add_remote(vni(), HostId::new("b")).await.unwrap();
+        // QEMU listens; the ports connect.
+        let q1 = UnixListener::bind(dir.path().join("p1")).unwrap();
+        let q2 = UnixListener::bind(dir.path().join("p2")).unwrap();
         for n in [1, 2] {
             h.add_stream_port(
                 PortId(n.into()),
@@ -1213,8 +1260,8 @@ mod tests {
             .await
             .unwrap();
         }
-        let mut g1 = UnixStream::connect(dir.path().join("p1")).await.unwrap();
-        let mut g2 = UnixStream::connect(dir.path().join("p2")).await.unwrap();
+        let mut g1 = q1.accept().await.unwrap().0;
+        let mut g2 = q2.accept().await.unwrap().0;
         for _ in 0..2 {
             assert!(matches!(
                 out.events.recv().await,
@@ -1261,32 +1308,54 @@ mod tests {
         assert_eq!(recv(&mut g1).await.unwrap(), &reply[..]);
         h.shutdown().await.unwrap();
         out.task.await.unwrap();
-        assert!(!dir.path().join("p1").exists());
+        // The switch is gone: QEMU sees its peer leave.
+        assert_eq!(recv(&mut g1).await, None);
     }
 
     #[tokio::test]
-    async fn a_new_connection_replaces_the_old_one() {
+    async fn a_port_waits_for_qemu_reconnects_and_follows_a_retarget() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("p");
-        // A stale socket from a previous run is replaced.
-        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let old_path = dir.path().join("old");
         let (h, mut out) = OverlaySwitch::spawn(HostId::new("a"), Arc::new(Recorder::default()));
-        h.add_stream_port(PortId(1), cfg(1), PortState::Open, &path)
+        h.add_remote(vni(), HostId::new("b")).await.unwrap();
+        // Added before QEMU listens (QEMU still starting): it keeps trying.
+        h.add_stream_port(PortId(1), cfg(1), PortState::Open, &old_path)
             .await
             .unwrap();
-        h.add_remote(vni(), HostId::new("b")).await.unwrap();
-        let mut old = UnixStream::connect(&path).await.unwrap();
+        tokio::time::sleep(DIAL_RETRY * 4).await;
+        let old_qemu = UnixListener::bind(&old_path).unwrap();
+        let mut old = old_qemu.accept().await.unwrap().0;
         assert!(matches!(
             out.events.recv().await,
             Some(OverlayEvent::PortConnected { .. })
         ));
-        let mut new = UnixStream::connect(&path).await.unwrap();
-        assert!(matches!(
-            out.events.recv().await,
-            Some(OverlayEvent::PortConnected { .. })
-        ));
-        // The old connection is closed.
+        // A bad record closes the connection; the port stays and connects
+        // again, as QEMU listens again after its peer goes away.
+        old.write_all(&[0, 0, 0, 0]).await.unwrap();
         assert_eq!(recv(&mut old).await, None);
+        assert!(matches!(
+            out.events.recv().await,
+            Some(OverlayEvent::PortDisconnected { .. })
+        ));
+        let mut old = old_qemu.accept().await.unwrap().0;
+        assert!(matches!(
+            out.events.recv().await,
+            Some(OverlayEvent::PortConnected { .. })
+        ));
+        // A same-host handover: the port moves to the new QEMU.
+        let new_path = dir.path().join("new");
+        let new_qemu = UnixListener::bind(&new_path).unwrap();
+        h.retarget_port(PortId(1), &new_path).await.unwrap();
+        assert!(matches!(
+            out.events.recv().await,
+            Some(OverlayEvent::PortDisconnected { .. })
+        ));
+        assert_eq!(recv(&mut old).await, None);
+        let mut new = new_qemu.accept().await.unwrap().0;
+        assert!(matches!(
+            out.events.recv().await,
+            Some(OverlayEvent::PortConnected { .. })
+        ));
         let bcast = arp_request(
             mac(7),
             Ipv4Addr::new(10, 0, 0, 7),
@@ -1305,27 +1374,21 @@ mod tests {
         assert_eq!(recv(&mut new).await.unwrap(), &bcast[..]);
         let st = h.status().await.unwrap();
         assert_eq!(
-            (st.shell.connections, st.shell.replaced_connections),
-            (2, 1)
+            (
+                st.shell.connections,
+                st.shell.retargets,
+                st.shell.stream_errors
+            ),
+            (3, 1, 1)
         );
         assert_eq!(st.connected, vec![PortId(1)]);
-        // A bad record closes the connection; the port stays.
-        new.write_all(&[0, 0, 0, 0]).await.unwrap();
+        assert!(matches!(
+            h.retarget_port(PortId(9), &new_path).await,
+            Err(OverlayError::NoPort(PortId(9)))
+        ));
+        // Removing the port closes its connection.
+        h.remove_port(PortId(1)).await.unwrap();
         assert_eq!(recv(&mut new).await, None);
-        assert!(matches!(
-            out.events.recv().await,
-            Some(OverlayEvent::PortDisconnected { .. })
-        ));
-        assert_eq!(h.status().await.unwrap().shell.stream_errors, 1);
-        // Something that is not a socket is never deleted.
-        let file = dir.path().join("file");
-        std::fs::write(&file, b"x").unwrap();
-        assert!(matches!(
-            h.add_stream_port(PortId(2), cfg(2), PortState::Open, &file)
-                .await,
-            Err(OverlayError::PathInUse(_))
-        ));
-        assert!(file.exists());
     }
 
     #[tokio::test]

@@ -97,7 +97,7 @@ async fn setup(tag: &str) -> Site {
     .await
     .unwrap();
     tokio::spawn(receiver.run(h.remote_sink()));
-    let guest = Guest::connect(Path::new(&path), GUEST_MAC, GUEST_IP).await;
+    let guest = Guest::serve(Path::new(&path), GUEST_MAC, GUEST_IP).await;
     Site {
         _ns: ns,
         _dir: dir,

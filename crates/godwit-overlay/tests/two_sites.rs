@@ -1,7 +1,7 @@
 //! Two [`OverlaySwitch`]es ("sites" a and b) joined by VXLAN on loopback,
 //! with a guest that moves from b to a the way a migrated VM does: the
-//! source fences its port, the destination claims and opens a new port the
-//! guest reconnects to. Frames reach the guest at its new place, exactly
+//! source fences its port, the destination claims and opens a new port at
+//! guest's new QEMU. Frames reach the guest at its new place, exactly
 //! once, and nothing reaches (or leaves) the stale copy at the old place.
 //! No root needed.
 
@@ -156,9 +156,9 @@ async fn a_guest_moves_between_sites_and_nothing_arrives_twice() {
     b.add_stream_port(PortId(3), cfg(3), PortState::Open, p("b3"))
         .await
         .unwrap();
-    let mut g1 = Guest::connect(Path::new(&p("a1")), mac(1), ip(1)).await;
-    let mut g2_old = Guest::connect(Path::new(&p("b2")), mac(2), ip(2)).await;
-    let mut g3 = Guest::connect(Path::new(&p("b3")), mac(3), ip(3)).await;
+    let mut g1 = Guest::serve(Path::new(&p("a1")), mac(1), ip(1)).await;
+    let mut g2_old = Guest::serve(Path::new(&p("b2")), mac(2), ip(2)).await;
+    let mut g3 = Guest::serve(Path::new(&p("b3")), mac(3), ip(3)).await;
 
     // Each guest announces itself; the registries learn and sync.
     for g in [&mut g1, &mut g2_old, &mut g3] {
@@ -179,12 +179,12 @@ async fn a_guest_moves_between_sites_and_nothing_arrives_twice() {
     assert_eq!(ids(&g2_old.drain(QUIET).await), vec![1, 2, 3, 4, 5]);
     assert_eq!(ids(&g3.drain(Duration::ZERO).await), Vec::<u32>::new());
 
-    // The move: a new pending port on a that the guest connects to, the
+    // The move: a new pending port on a that connects to the arriving guest, the
     // source fences, the destination claims and then opens.
     a.add_stream_port(PortId(4), cfg(2), PortState::Pending, p("a4"))
         .await
         .unwrap();
-    let mut g2_new = Guest::connect(Path::new(&p("a4")), mac(2), ip(2)).await;
+    let mut g2_new = Guest::serve(Path::new(&p("a4")), mac(2), ip(2)).await;
     b.fence(PortId(2)).await.unwrap();
     a.claim(PortId(4), vec![IpAddr::V4(ip(2))]).await.unwrap();
     wait_location(&b, mac(2), "a").await;

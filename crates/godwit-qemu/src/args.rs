@@ -54,6 +54,9 @@ pub struct InstancePaths {
     pub qmp_socket: PathBuf,
     /// Guest agent virtio-serial chardev socket (QEMU listens).
     pub guest_socket: PathBuf,
+    /// The NIC's `-netdev stream` socket (QEMU listens, the agent's switch
+    /// connects; see [`NetdevSpec::Stream`]).
+    pub net_socket: PathBuf,
     /// Guest serial console log.
     pub serial_log: PathBuf,
     /// QEMU's own stdout/stderr.
@@ -65,13 +68,14 @@ pub struct InstancePaths {
 }
 
 impl InstancePaths {
-    /// The standard layout: `run_dir/<vm>-<instance>/{qmp.sock,guest.sock,
+    /// The standard layout: `run_dir/<vm>-<instance>/{qmp.sock,guest.sock,net.sock,
     /// serial.log,qemu.log,qemu.pid}` and `ram_dir/<vm>-<instance>.ram`.
     pub fn new(host: &HostConfig, vm: &str, instance_id: &str) -> Self {
         let dir = host.run_dir.join(format!("{vm}-{instance_id}"));
         Self {
             qmp_socket: dir.join("qmp.sock"),
             guest_socket: dir.join("guest.sock"),
+            net_socket: dir.join("net.sock"),
             serial_log: dir.join("serial.log"),
             qemu_log: dir.join("qemu.log"),
             pidfile: dir.join("qemu.pid"),
@@ -226,9 +230,13 @@ pub fn build_args(
         let netdev = match &n.netdev {
             NetdevSpec::None => None,
             NetdevSpec::User => Some("user,id=net0".to_owned()),
-            NetdevSpec::Stream { path } => Some(format!(
-                "stream,id=net0,server=off,addr.type=unix,addr.path={}",
-                opt_escape(path)
+            // QEMU listens: on 7.2 it listens again when the switch's
+            // connection ends, while a 7.2 client never reconnects
+            // (reference network-continuity §1.1), so an agent restart
+            // must find QEMU as the server.
+            NetdevSpec::Stream => Some(format!(
+                "stream,id=net0,server=on,addr.type=unix,addr.path={}",
+                opt_escape(&inst.net_socket)
             )),
         };
         let mut dev = format!(
@@ -292,6 +300,25 @@ mod tests {
             .filter(|w| w[0] == key)
             .map(|w| w[1].as_str())
             .collect()
+    }
+
+    #[test]
+    fn a_stream_nic_listens_on_the_instance_socket() {
+        let host = HostConfig::default();
+        let p = InstancePaths::new(&host, "vm1", "abc");
+        let mut s = spec();
+        if let Some(n) = &mut s.nic {
+            n.netdev = NetdevSpec::Stream;
+        }
+        let a = strs(&build_args(&s, &host, &p, LaunchMode::Incoming));
+        assert_eq!(
+            value_of(&a, "-netdev"),
+            [format!(
+                "stream,id=net0,server=on,addr.type=unix,addr.path={}",
+                p.net_socket.display()
+            )]
+        );
+        assert!(p.net_socket.starts_with(&p.dir));
     }
 
     #[test]

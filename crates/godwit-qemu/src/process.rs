@@ -67,6 +67,10 @@ pub struct QemuInstance {
     pub qmp_socket: PathBuf,
     /// Guest agent chardev socket (virtio-serial port `org.godwit.guest.0`).
     pub guest_socket: PathBuf,
+    /// NIC `-netdev stream` socket (QEMU listens). Empty in records
+    /// written before it existed, whose VMs have no stream NIC.
+    #[serde(default)]
+    pub net_socket: PathBuf,
     /// Guest serial console log.
     pub serial_log: PathBuf,
     /// QEMU stdout/stderr.
@@ -144,7 +148,7 @@ pub async fn launch_with_paths(
             "bad instance id {instance_id:?}"
         )));
     }
-    for s in [&paths.qmp_socket, &paths.guest_socket] {
+    for s in [&paths.qmp_socket, &paths.guest_socket, &paths.net_socket] {
         if s.as_os_str().len() > MAX_SOCKET_PATH_LEN {
             return Err(QemuError::PathTooLong(s.clone()));
         }
@@ -163,7 +167,7 @@ pub async fn launch_with_paths(
     }
     // A stale socket from a crashed predecessor with the same id would make
     // us connect to nothing; the id is fresh, but be safe.
-    for s in [&paths.qmp_socket, &paths.guest_socket] {
+    for s in [&paths.qmp_socket, &paths.guest_socket, &paths.net_socket] {
         let _ = std::fs::remove_file(s);
     }
     let args = build_args(spec, host, paths, mode);
@@ -183,6 +187,7 @@ pub async fn launch_with_paths(
         dir: paths.dir.clone(),
         qmp_socket: paths.qmp_socket.clone(),
         guest_socket: paths.guest_socket.clone(),
+        net_socket: paths.net_socket.clone(),
         serial_log: paths.serial_log.clone(),
         qemu_log: paths.qemu_log.clone(),
         pidfile: paths.pidfile.clone(),
@@ -491,9 +496,14 @@ async fn stop_process(
 
 fn cleanup_files(inst: &QemuInstance, remove_ram: bool) {
     let ram = remove_ram.then_some(&inst.ram_file);
-    for f in [&inst.qmp_socket, &inst.guest_socket, &inst.pidfile]
-        .into_iter()
-        .chain(ram)
+    for f in [
+        &inst.qmp_socket,
+        &inst.guest_socket,
+        &inst.net_socket,
+        &inst.pidfile,
+    ]
+    .into_iter()
+    .chain(ram)
     {
         match std::fs::remove_file(f) {
             Ok(()) => {}
@@ -541,6 +551,7 @@ pub async fn resolve_machine(host: &HostConfig, alias: &str) -> Result<String, Q
         dir: dir.clone(),
         qmp_socket: sock.clone(),
         guest_socket: dir.join("unused"),
+        net_socket: dir.join("unused"),
         serial_log: dir.join("unused"),
         qemu_log: log.clone(),
         pidfile: dir.join("unused"),

@@ -54,12 +54,11 @@ pub enum NetdevSpec {
     None,
     /// QEMU user-mode networking (slirp). Dev only.
     User,
-    /// `-netdev stream` client connected to a unix socket (QEMU 7.2+): raw
-    /// Ethernet frames, each prefixed with a be32 length.
-    Stream {
-        /// Unix socket the switch listens on.
-        path: PathBuf,
-    },
+    /// `-netdev stream` server on the instance's unix socket
+    /// ([`InstancePaths::net_socket`](crate::InstancePaths)), QEMU 7.2+:
+    /// raw Ethernet frames, each prefixed with a be32 length. The agent's
+    /// switch connects to it.
+    Stream,
 }
 
 /// A virtio-net NIC.
@@ -279,9 +278,7 @@ mod tests {
         let mut s = spec();
         s.nic = Some(NicSpec {
             mac: "52:54:00:12:34:56".into(),
-            netdev: NetdevSpec::Stream {
-                path: "/run/sw.sock".into(),
-            },
+            netdev: NetdevSpec::Stream,
         });
         let j = serde_json::to_string(&s).unwrap();
         assert!(j.contains("\"type\":\"stream\""), "{j}");

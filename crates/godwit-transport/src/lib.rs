@@ -57,5 +57,6 @@ pub use identity::{Fingerprint, FingerprintParseError, Identity, IdentityError};
 pub use peers::{PeerSet, PeerSetError};
 pub use purpose::{StreamPurpose, UnknownPurpose};
 pub use transport::{
-    IncomingStream, IncomingStreams, PeerConnection, PeerStats, Transport, TransportError,
+    DatagramHandler, IncomingStream, IncomingStreams, PeerConnection, PeerStats, Transport,
+    TransportError,
 };

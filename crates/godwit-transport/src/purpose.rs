@@ -11,7 +11,7 @@
 //! | 2    | memory                | 40            |
 //! | 3    | storage, on demand    | 80            |
 //! | 4    | storage, background   | 0             |
-//! | 5    | network frames        | 60            |
+//! | 5    | overlay registry link | 60            |
 //!
 //! Priorities feed [`quinn::SendStream::set_priority`]: higher goes first.
 //! Control must never wait behind bulk data; on-demand storage reads block a
@@ -37,7 +37,8 @@ pub enum StreamPurpose {
     StorageOnDemand = 3,
     /// Bulk disk relocation.
     StorageBackground = 4,
-    /// Overlay network frames.
+    /// The overlay's registry link: location updates, in order (the guest
+    /// frames themselves travel as QUIC datagrams).
     NetworkFrames = 5,
 }
 

@@ -6,7 +6,9 @@
 //!   certificate to a peer name, sends the *admission* signal and registers
 //!   the connection;
 //! - per connection, a stream-accept task that reads each stream's purpose
-//!   header and forwards it to [`IncomingStreams`];
+//!   header and forwards it to [`IncomingStreams`], and a datagram task
+//!   that hands each unreliable datagram (overlay frames) to the
+//!   [`DatagramHandler`] set with [`Transport::on_datagram`];
 //! - [`Transport::connection`], which reuses a live connection to a peer
 //!   (dialled or accepted) or dials one, with concurrent callers sharing a
 //!   single dial.
@@ -43,7 +45,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
@@ -80,6 +82,11 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// so this is never checked; a constant also avoids leaking peer names in
 /// clear text.
 const SERVER_NAME: &str = "peer.godwit";
+
+/// Receives every QUIC datagram from every peer: `(peer name, payload)`.
+/// Called on the connection's datagram task, so it must not block (queue or
+/// drop, as a NIC would).
+pub type DatagramHandler = Arc<dyn Fn(&str, bytes::Bytes) + Send + Sync>;
 
 /// Errors from the transport shell.
 #[derive(Debug, thiserror::Error)]
@@ -340,6 +347,8 @@ struct Inner {
     /// Taken at shutdown so [`IncomingStreams`] ends once the tasks holding
     /// clones finish.
     incoming_tx: Mutex<Option<mpsc::Sender<IncomingStream>>>,
+    /// Where datagrams go; `None` drops them.
+    datagrams: RwLock<Option<DatagramHandler>>,
     shut_down: AtomicBool,
 }
 
@@ -439,6 +448,7 @@ impl Transport {
             admission_timeout: cfg.idle_timeout,
             slots: Mutex::new(HashMap::new()),
             incoming_tx: Mutex::new(Some(tx)),
+            datagrams: RwLock::new(None),
             shut_down: AtomicBool::new(false),
         });
         tokio::spawn(
@@ -477,6 +487,24 @@ impl Transport {
             .await?;
         inner.spawn_stream_acceptor(conn.clone());
         Ok(slot.register(conn))
+    }
+
+    /// The registered connection to `peer` if it is alive, without dialling
+    /// (for senders that must not wait, such as overlay frames).
+    pub fn live_connection(&self, peer: &str) -> Option<PeerConnection> {
+        let pin = self.inner.peers.get(peer)?;
+        let slot = self.inner.lock_slots().get(peer).cloned()?;
+        slot.live(pin)
+    }
+
+    /// Sets where datagrams from peers go (replacing any earlier handler).
+    /// Datagrams that arrive while none is set are dropped.
+    pub fn on_datagram(&self, handler: DatagramHandler) {
+        *self
+            .inner
+            .datagrams
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(handler);
     }
 
     /// The shared peer set; edits apply to the next handshake.
@@ -661,6 +689,7 @@ impl Inner {
             return;
         };
         let span = tracing::debug_span!("peer", peer = %conn.peer, id = conn.conn.stable_id());
+        tokio::spawn(read_datagrams(Arc::downgrade(self), conn.clone()).instrument(span.clone()));
         tokio::spawn(accept_streams(Arc::downgrade(self), conn, tx).instrument(span));
     }
 }
@@ -698,6 +727,20 @@ async fn accept_streams(
     tracing::debug!(cause = %reason, "connection closed");
     if let Some(inner) = inner.upgrade() {
         inner.slot(&conn.peer).unregister(&conn);
+    }
+}
+
+async fn read_datagrams(inner: Weak<Inner>, conn: PeerConnection) {
+    while let Ok(d) = conn.conn.read_datagram().await {
+        let Some(inner) = inner.upgrade() else { break };
+        let handler = inner
+            .datagrams
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(h) = handler {
+            h(&conn.peer, d);
+        }
     }
 }
 

@@ -33,6 +33,8 @@ pub async fn boot(client: &ApiClient, name: &str, memory_mib: u64, out: Out) -> 
         cmdline: String::new(),
         disk: None,
         mac: None,
+        ip: None,
+        gateway: None,
         wait: false,
     };
     let req = create_request(&args, out).await?;

@@ -87,6 +87,7 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
 pub fn router(agent: Arc<Agent>) -> Router {
     Router::new()
         .route("/v1/status", get(status))
+        .route("/v1/network", get(network_status))
         .route("/v1/vms", get(list_vms).post(create_vm))
         .route("/v1/vms/{name}", get(show_vm).delete(stop_vm))
         .route("/v1/vms/{name}/console", get(console))
@@ -126,7 +127,7 @@ async fn count_requests(
 }
 
 async fn metrics(State(a): State<Arc<Agent>>) -> impl IntoResponse {
-    let body = a.metrics.render(&a.cfg.name, &a.gauges());
+    let body = a.metrics.render(&a.cfg.name, &a.gauges().await);
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -178,6 +179,14 @@ async fn status(State(a): State<Arc<Agent>>) -> ApiResult<AgentStatus> {
             .collect(),
         maintenance: a.evacuations.maintenance(),
         evacuation: a.evacuations.info(&a.cfg.name),
+        network: match &a.network {
+            Some(n) => n
+                .status()
+                .await
+                .ok()
+                .and_then(|s| serde_json::to_value(s).ok()),
+            None => None,
+        },
     }))
 }
 
@@ -223,6 +232,24 @@ async fn start_evacuation(
     })
 }
 
+async fn network_status(State(a): State<Arc<Agent>>) -> ApiResult<Value> {
+    let Some(net) = &a.network else {
+        return Ok(Json(json!({"enabled": false})));
+    };
+    let st = net.status().await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "network",
+            crate::error_chain(&e),
+        )
+    })?;
+    let mut v = serde_json::to_value(st).unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        o.insert("enabled".into(), Value::Bool(true));
+    }
+    Ok(Json(v))
+}
+
 async fn list_vms(State(a): State<Arc<Agent>>) -> ApiResult<Vec<VmInfo>> {
     let mut out = Vec::new();
     for h in a.vms.all() {
@@ -262,15 +289,38 @@ async fn create_vm(State(a): State<Arc<Agent>>, Json(req): Json<CreateVm>) -> Ap
         initrd: req.initrd,
         cmdline: req.cmdline,
         disk,
-        nic: req.mac.map(|mac| NicSpec {
-            mac,
-            netdev: NetdevSpec::None,
-        }),
+        nic: match req.mac {
+            Some(mac) => {
+                crate::network::parse_mac(&mac).map_err(|e| {
+                    ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string())
+                })?;
+                // On the agent's switch when it runs one; otherwise a NIC
+                // with no link.
+                let netdev = if a.network.is_some() {
+                    NetdevSpec::Stream
+                } else {
+                    NetdevSpec::None
+                };
+                Some(NicSpec { mac, netdev })
+            }
+            None => None,
+        },
         uuid: None,
     };
     spec.validate()
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))?;
     let h = a.vms.launch(spec, LaunchMode::Fresh, None).await?;
+    if let Some(net) = &a.network {
+        if let Err(e) = net.attach(&h, godwit_overlay::PortState::Open).await {
+            // A VM that cannot reach its network is not what was asked for.
+            a.vms.remove(&h).await;
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "network",
+                crate::error_chain(&e),
+            ));
+        }
+    }
     Ok(Json(a.vms.info(&h).await))
 }
 
@@ -281,6 +331,9 @@ async fn show_vm(State(a): State<Arc<Agent>>, Path(name): Path<String>) -> ApiRe
 
 async fn stop_vm(State(a): State<Arc<Agent>>, Path(name): Path<String>) -> ApiResult<Value> {
     a.vms.stop(&name).await?;
+    if let Some(net) = &a.network {
+        net.remove_vm_port(&name).await;
+    }
     Ok(Json(json!({"stopped": name})))
 }
 

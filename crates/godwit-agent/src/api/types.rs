@@ -507,6 +507,9 @@ pub struct AgentStatus {
     /// The current or last evacuation of this host.
     #[serde(default)]
     pub evacuation: Option<crate::evacuate::EvacuationInfo>,
+    /// The guest network ([`crate::network::NetworkStatus`]), if it runs.
+    #[serde(default)]
+    pub network: Option<serde_json::Value>,
 }
 
 /// `POST /v1/maintenance`.

@@ -100,7 +100,7 @@ pub async fn prepare(
             format!("host {} is in maintenance: it takes no VM", agent.cfg.name),
         );
     }
-    let spec: VmSpec = match serde_json::from_value(vm) {
+    let mut spec: VmSpec = match serde_json::from_value(vm) {
         Ok(s) => s,
         Err(e) => return error(ErrorCode::BadRequest, format!("VM spec: {e}")),
     };
@@ -114,6 +114,7 @@ pub async fn prepare(
         );
     }
     let name = spec.name.clone();
+    unplug_nic_without_network(agent, &mut spec);
     let vm = match agent
         .vms
         .launch(spec, LaunchMode::Incoming, Some(migration_id.clone()))
@@ -124,10 +125,20 @@ pub async fn prepare(
             return error(
                 ErrorCode::Conflict,
                 format!("a VM named {n:?} already runs on {}", agent.cfg.name),
-            )
+            );
         }
         Err(e) => return error(ErrorCode::Internal, crate::error_chain(&e)),
     };
+    // The port connects to the new QEMU's NIC before any state arrives:
+    // QEMU drops the post-migration RARP of a NIC with no peer (reference
+    // network-continuity §1.1). Pending: it neither sends nor receives
+    // until the claim.
+    if let Some(net) = &agent.network {
+        if let Err(e) = net.attach(&vm, godwit_overlay::PortState::Pending).await {
+            agent.vms.remove(&vm).await;
+            return error(ErrorCode::Internal, crate::error_chain(&e));
+        }
+    }
     let socket = agent.cfg.run_dir.join(format!("in-{migration_id}.sock"));
     let _ = std::fs::remove_file(&socket);
     let uri = if direct {
@@ -136,6 +147,7 @@ pub async fn prepare(
             Ok(a) => format!("tcp:{a}"),
             Err(e) => {
                 agent.vms.remove(&vm).await;
+                detach_nic(agent, &name).await;
                 return error(
                     ErrorCode::Internal,
                     format!("no TCP port for a direct migration: {e}"),
@@ -156,6 +168,7 @@ pub async fn prepare(
     };
     if let Err(e) = setup.await {
         agent.vms.remove(&vm).await;
+        detach_nic(agent, &name).await;
         return error(ErrorCode::Internal, crate::error_chain(&e));
     }
     let (cancel, _) = watch::channel(None);
@@ -188,6 +201,29 @@ pub async fn prepare(
     ControlResponse::Prepared {
         migration_id,
         direct_uri: direct.then_some(uri),
+    }
+}
+
+/// Leaves the arriving VM's stream NIC without a link when this agent
+/// runs no switch (the guest keeps its NIC, as hardware it migrated with).
+fn unplug_nic_without_network(agent: &Agent, spec: &mut VmSpec) {
+    if agent.network.is_some() {
+        return;
+    }
+    if let Some(nic) = &mut spec.nic {
+        if nic.netdev == godwit_qemu::NetdevSpec::Stream {
+            warn!(
+                vm = spec.name,
+                "the arriving VM's NIC stays unconnected: [network] is disabled here"
+            );
+            nic.netdev = godwit_qemu::NetdevSpec::None;
+        }
+    }
+}
+
+async fn detach_nic(agent: &Agent, vm: &str) {
+    if let Some(net) = &agent.network {
+        net.remove_vm_port(vm).await;
     }
 }
 
@@ -226,6 +262,7 @@ async fn settle_failure(agent: &Agent, job: &IncomingJob, reason: String) -> Inc
                 "incoming migration failed; discarding destination QEMU"
             );
             agent.vms.remove(&job.vm).await;
+            detach_nic(agent, &job.vm.spec.name).await;
         }
         IncomingOutcome::Running => adopt(agent, job),
         _ => {}
@@ -238,6 +275,10 @@ fn adopt(agent: &Agent, job: &IncomingJob) {
         *job.receiver_cpu_s.lock().unwrap_or_else(|p| p.into_inner()) = Some(job.cpu.seconds());
         agent.vms.set_state(&job.vm, VmState::Running);
         agent.metrics.incoming_completed.inc();
+        if let Some(net) = agent.network.clone() {
+            let vm = job.vm.spec.name.clone();
+            tokio::spawn(async move { net.activate(&vm).await });
+        }
         info!(
             migration = job.id,
             vm = job.vm.spec.name,

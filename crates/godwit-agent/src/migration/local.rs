@@ -375,6 +375,12 @@ async fn transfer(
     };
     // The old QEMU is in `postmigrate` for good: the new one may run.
     job.set_phase(MigrationPhase::Switchover);
+    if let Some(net) = &agent.network {
+        // Same host, same switch: only the NIC's socket changes.
+        if let Err(e) = net.follow(&vm.spec.name, &new.net_socket).await {
+            warn!(cause = %crate::error_chain(&e), "the NIC could not follow the guest to the new QEMU");
+        }
+    }
     let t_cont = Instant::now();
     new_qmp
         .execute_timeout("cont", json!({}), crate::vm::QMP_TIMEOUT)

@@ -157,7 +157,13 @@ async fn run(
                     warn!(cause = %crate::error_chain(&e), "could not confirm the commit to the destination (it owns the VM anyway)");
                 }
             }
+            if let Some(net) = &agent.network {
+                net.fence_vm(&vm.spec.name).await;
+            }
             agent.vms.remove(&vm).await;
+            if let Some(net) = &agent.network {
+                net.remove_vm_port(&vm.spec.name).await;
+            }
             agent.metrics.migrations_completed.inc();
             info!(total_ms = report.total_ms, downtime_ms = ?report.downtime_ms, wire_bytes = report.wire_bytes, "migration completed");
             job.finish(MigrationPhase::Completed, report, None);

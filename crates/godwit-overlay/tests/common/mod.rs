@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
-/// A guest NIC as QEMU's `-netdev stream,server=off` client sees it.
+/// A guest NIC as QEMU's `-netdev stream,server=on` sees it.
 pub struct Guest {
     s: UnixStream,
     dec: StreamDecoder,
@@ -22,8 +22,14 @@ pub struct Guest {
 }
 
 impl Guest {
-    pub async fn connect(path: &std::path::Path, mac: MacAddr, ip: Ipv4Addr) -> Self {
-        let s = UnixStream::connect(path).await.expect("connect to port");
+    /// Listens at `path` as QEMU does and takes the switch port's
+    /// connection (the port keeps dialling until something listens).
+    pub async fn serve(path: &std::path::Path, mac: MacAddr, ip: Ipv4Addr) -> Self {
+        let listener = tokio::net::UnixListener::bind(path).expect("listen as QEMU");
+        let (s, _) = tokio::time::timeout(Duration::from_secs(5), listener.accept())
+            .await
+            .expect("the port connects within 5 s")
+            .expect("accept the port");
         Self {
             s,
             dec: StreamDecoder::new(),

@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use godwit_agent::api::types::{AddPeer, AgentStatus, PeerStatus};
 use godwit_agent::config::{self, AgentConfig, PeerEntry};
+use serde_json::Value;
 
 use crate::output::Out;
 use crate::Global;
@@ -142,6 +143,9 @@ pub async fn status(g: &Global, out: Out) -> Result<()> {
             ));
         }
         s.push_str(&peer_table(&st.peers));
+        if let Some(n) = &st.network {
+            s.push_str(&network_lines(n));
+        }
         s.push_str(&format!("VMs: {}\n", st.vms.len()));
         for v in &st.vms {
             s.push_str(&format!(
@@ -161,6 +165,59 @@ pub async fn status(g: &Global, out: Out) -> Result<()> {
         s.trim_end().to_owned()
     });
     Ok(())
+}
+
+/// The guest network in `godwit status`: where each guest MAC is, with its
+/// mobility sequence number and moves, and this host's ports.
+fn network_lines(n: &Value) -> String {
+    let sw = &n["overlay"]["switch"];
+    let reg = &sw["registry"];
+    let mut s = format!(
+        "Network vni {}: {} locations, {} moves, {} claims; linked to {}\n",
+        n["vni"],
+        reg["entries"],
+        reg["moves"],
+        reg["claims"],
+        n["linked_peers"]
+            .as_array()
+            .map(|a| a
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(", "))
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "no peer".into()),
+    );
+    for e in sw["locations"].as_array().into_iter().flatten() {
+        let ips: Vec<&str> = e["ips"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        s.push_str(&format!(
+            "  {} at {:<10} seq {:<4} moves {:<4}{} {}\n",
+            e["mac"].as_str().unwrap_or("?"),
+            e["host"].as_str().unwrap_or("?"),
+            e["seq"],
+            e["total_moves"],
+            if e["frozen"] == Value::Bool(true) {
+                " FROZEN"
+            } else {
+                ""
+            },
+            ips.join(" ")
+        ));
+    }
+    for p in sw["ports"].as_array().into_iter().flatten() {
+        s.push_str(&format!(
+            "  port {:<3} {} {}\n",
+            p["port"],
+            p["mac"].as_str().unwrap_or("?"),
+            p["state"].as_str().unwrap_or("?"),
+        ));
+    }
+    s
 }
 
 fn peer_table(peers: &[PeerStatus]) -> String {

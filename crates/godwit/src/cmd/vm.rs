@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use godwit_agent::api::types::{CreateVm, GuestRequest, VmInfo};
 use serde_json::Value;
@@ -64,9 +64,17 @@ pub struct CreateArgs {
     /// Disk image (raw or .qcow2) both ends of a migration can read.
     #[arg(long)]
     pub disk: Option<PathBuf>,
-    /// NIC MAC address.
+    /// NIC MAC address (default with --ip: derived from the VM name,
+    /// locally administered).
     #[arg(long)]
     pub mac: Option<String>,
+    /// The guest's eth0 address, ADDR/PREFIX (test guest image; gives the
+    /// VM a NIC on the agent's switch).
+    #[arg(long)]
+    pub ip: Option<String>,
+    /// The guest's default gateway (test guest image).
+    #[arg(long, requires = "ip")]
+    pub gateway: Option<String>,
     /// Wait until the in-guest tool has said hello.
     #[arg(long)]
     pub wait: bool,
@@ -82,6 +90,11 @@ pub struct GuestCmd {
     /// How long to wait for the answer, seconds.
     #[arg(long, default_value_t = 60)]
     pub timeout: u64,
+    /// For a probe that reports while it runs (udp_send, udp_recv,
+    /// tcp_echo_client): wait for its final report (within --timeout) and
+    /// print that one.
+    #[arg(long)]
+    pub until_done: bool,
 }
 
 /// Builds the create request, using the cached guest image by default.
@@ -99,6 +112,18 @@ pub async fn create_request(a: &CreateArgs, out: Out) -> Result<CreateVm> {
             (img.kernel, img.initrd, cmdline)
         }
     };
+    let mut cmdline = cmdline;
+    if let Some(ip) = &a.ip {
+        // Read by the image's init (godwit-image's init.sh).
+        cmdline.push_str(&format!(" godwit.ip={ip}"));
+        if let Some(gw) = &a.gateway {
+            cmdline.push_str(&format!(" godwit.gw={gw}"));
+        }
+    }
+    let mac = a
+        .mac
+        .clone()
+        .or_else(|| a.ip.as_ref().map(|_| mac_for(&a.name)));
     Ok(CreateVm {
         name: a.name.clone(),
         memory_mib: a.memory,
@@ -108,8 +133,19 @@ pub async fn create_request(a: &CreateArgs, out: Out) -> Result<CreateVm> {
         initrd: Some(initrd),
         cmdline,
         disk: a.disk.clone(),
-        mac: a.mac.clone(),
+        mac,
     })
+}
+
+/// A MAC for VM `name`: the same on every run and at every site, unicast
+/// and locally administered (`0x02` in the first byte), so it never takes
+/// a vendor's address. FNV-1a over the name gives the low four bytes.
+pub fn mac_for(name: &str) -> String {
+    let h = name.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    let [b0, b1, b2, b3] = h.to_be_bytes();
+    format!("02:67:{b0:02x}:{b1:02x}:{b2:02x}:{b3:02x}")
 }
 
 /// Sends one guest command through an agent and returns the report.
@@ -124,6 +160,49 @@ pub async fn guest_call(
         timeout_ms: timeout.as_millis() as u64,
     };
     Ok(client.post(&format!("/v1/vms/{vm}/guest"), &req).await?)
+}
+
+/// How often [`guest_until_done`] looks for the final report.
+const REPORT_POLL: Duration = Duration::from_millis(250);
+
+/// Sends a probe command and waits for its final report (the one with the
+/// same id and `"done": true`), which the agent keeps in the VM's report
+/// log. The VM must stay on this agent's host meanwhile.
+pub async fn guest_until_done(
+    client: &godwit_agent::client::ApiClient,
+    vm: &str,
+    command: Value,
+    timeout: Duration,
+) -> Result<Value> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let first = guest_call(client, vm, command, timeout).await?;
+    let is_final = |r: &Value| r.get("done").and_then(Value::as_bool) != Some(false);
+    if is_final(&first) {
+        return Ok(first);
+    }
+    let id = first
+        .get("id")
+        .cloned()
+        .context("the guest's report has no id")?;
+    let mut since = 0u64;
+    loop {
+        let page: Value = client
+            .get(&format!("/v1/vms/{vm}/guest/reports?since={since}"))
+            .await?;
+        if let Some(done) = page["reports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r.get("id") == Some(&id) && r.get("done") == Some(&Value::Bool(true)))
+        {
+            return Ok(done.clone());
+        }
+        since = page["seq"].as_u64().unwrap_or(since);
+        if tokio::time::Instant::now() >= deadline {
+            bail!("no final report from {vm}'s probe {id} within {timeout:?}");
+        }
+        tokio::time::sleep(REPORT_POLL).await;
+    }
 }
 
 fn vm_line(v: &VmInfo) -> String {
@@ -192,9 +271,28 @@ pub async fn run(c: VmCmd, g: &Global, out: Out) -> Result<()> {
 pub async fn guest(c: GuestCmd, g: &Global, out: Out) -> Result<()> {
     let command: Value =
         serde_json::from_str(&c.command).context("the guest command must be JSON")?;
-    let v = guest_call(&g.client(), &c.vm, command, Duration::from_secs(c.timeout)).await?;
+    let timeout = Duration::from_secs(c.timeout);
+    let v = if c.until_done {
+        guest_until_done(&g.client(), &c.vm, command, timeout).await?
+    } else {
+        guest_call(&g.client(), &c.vm, command, timeout).await?
+    };
     out.result("guest", &v, || {
         serde_json::to_string_pretty(&v).unwrap_or_default()
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn derived_macs_are_stable_unicast_and_local() {
+        let m = super::mac_for("vm1");
+        assert_eq!(m, super::mac_for("vm1"));
+        assert_ne!(m, super::mac_for("vm2"));
+        let first = u8::from_str_radix(&m[..2], 16).unwrap();
+        assert_eq!(first & 0x03, 0x02, "{m}");
+        let bytes: Vec<_> = m.split(':').map(|b| u8::from_str_radix(b, 16)).collect();
+        assert!(bytes.len() == 6 && bytes.iter().all(Result::is_ok), "{m}");
+    }
 }

@@ -1,0 +1,643 @@
+//! The guest network of this agent: one overlay switch, the encrypted
+//! transport that carries guest frames to peers, and the control channel
+//! that carries location-registry updates.
+//!
+//! This module owns the [`OverlaySwitch`] (spawned at start-up when
+//! `[network] enabled`), the map from VMs to switch ports, and the tasks that
+//! join the switch to every peer agent:
+//!
+//! - **Frames** travel as QUIC datagrams on the existing peer connection
+//!   (encrypted and authenticated by its TLS), each with the small header of
+//!   [`godwit_overlay::datagram`]. A frame that does not fit the path's
+//!   datagram size is dropped and counted ([`DatagramStats::tx_too_big`]):
+//!   guests on the overlay should use an MTU of at most
+//!   [`RECOMMENDED_GUEST_MTU`].
+//! - **Registry updates** travel on one long-lived bidirectional stream per
+//!   peer pair ([`StreamPurpose::NetworkFrames`]), opened by the agent with
+//!   the smaller name. A stream rather than one `ControlRequest` per update
+//!   because the switch counts updates per channel to decide which flooded
+//!   frames might be duplicates ([`godwit_overlay::dedup`]): it needs every
+//!   update delivered in order and exactly once per channel, and to know
+//!   when the channel was replaced ([`OverlayHandle::reset_peer`]). A
+//!   request that times out would leave it unknown whether the update was
+//!   applied; a stream either carries everything in order or breaks.
+//!
+//! ```mermaid
+//! sequenceDiagram
+//!     participant A as agent a (smaller name)
+//!     participant B as agent b
+//!     A->>B: open stream (purpose NetworkFrames)
+//!     Note over A,B: both: reset_peer(other) → Sync (full local registry)
+//!     A->>B: RegistryUpdate frames (Sync, then every Push)
+//!     B->>A: RegistryUpdate frames (Sync, then every Push)
+//!     Note over A,B: stream breaks: a dials again after LINK_RETRY
+//! ```
+//!
+//! The stream carries [`godwit_wire::Frame`]s of kind control whose JSON
+//! payload is a [`RegistryUpdate`]; there is no handshake beyond the
+//! transport's (the peer's name comes from its pinned certificate).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use godwit_overlay::datagram::{self, DatagramHeader, DATAGRAM_HEADER_LEN};
+use godwit_overlay::{
+    Delivery, HostId, MacAddr, OverlayError, OverlayEvent, OverlayHandle, OverlayStatus,
+    OverlaySwitch, PortConfig, PortId, PortState, RegistryUpdate, RemoteTransport, Vni,
+};
+use godwit_transport::{StreamPurpose, Transport};
+use godwit_wire::Frame;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tracing::{debug, info, warn, Instrument};
+
+use crate::config::NetworkSection;
+use crate::peer::Peers;
+use crate::relay::{read_first_frame, write_frame};
+use crate::vm::VmHandle;
+use godwit_qemu::NetdevSpec;
+
+/// Guest MTU that always fits a QUIC datagram: quinn starts at a 1200-byte
+/// UDP payload, minus the QUIC short header and AEAD tag (~40 bytes), minus
+/// [`DATAGRAM_HEADER_LEN`] and the 14-byte Ethernet header. Larger frames
+/// pass once path MTU discovery has raised the limit (up to a 1452-byte
+/// UDP payload).
+pub const RECOMMENDED_GUEST_MTU: usize = 1200 - 40 - DATAGRAM_HEADER_LEN - 14;
+/// Pause between attempts to (re)open the registry stream to a peer.
+pub const LINK_RETRY: Duration = Duration::from_secs(1);
+/// How often the set of peers is re-read, so peers added with `godwit peer
+/// add` join the network without a restart.
+pub const PEER_SCAN: Duration = Duration::from_secs(2);
+/// Port events buffered for subscribers (migration hooks); a slow
+/// subscriber loses the oldest, which only delays a claim to completion.
+pub const EVENT_BUFFER: usize = 256;
+
+/// Errors of the agent's network.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    /// The switch refused.
+    #[error("overlay switch")]
+    Overlay(#[from] OverlayError),
+    /// The NIC's MAC is not a MAC.
+    #[error("NIC MAC {0:?} is not a MAC address")]
+    BadMac(String),
+}
+
+/// Counters of the QUIC datagram transport.
+#[derive(Debug, Default)]
+pub struct DatagramStats {
+    /// Datagrams sent.
+    pub tx: AtomicU64,
+    /// Frames dropped: larger than the connection's datagram size.
+    pub tx_too_big: AtomicU64,
+    /// Frames dropped: no live connection to the peer.
+    pub tx_no_connection: AtomicU64,
+    /// Frames dropped: quinn refused the datagram.
+    pub tx_errors: AtomicU64,
+    /// Datagrams received.
+    pub rx: AtomicU64,
+    /// Datagrams dropped: malformed header.
+    pub rx_malformed: AtomicU64,
+    /// Datagrams dropped: the switch was behind.
+    pub rx_dropped: AtomicU64,
+}
+
+/// A snapshot of [`DatagramStats`].
+#[derive(Debug, Clone, Default, serde::Serialize)]
+#[allow(missing_docs)]
+pub struct DatagramCounts {
+    pub tx: u64,
+    pub tx_too_big: u64,
+    pub tx_no_connection: u64,
+    pub tx_errors: u64,
+    pub rx: u64,
+    pub rx_malformed: u64,
+    pub rx_dropped: u64,
+}
+
+impl DatagramStats {
+    fn snapshot(&self) -> DatagramCounts {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        DatagramCounts {
+            tx: g(&self.tx),
+            tx_too_big: g(&self.tx_too_big),
+            tx_no_connection: g(&self.tx_no_connection),
+            tx_errors: g(&self.tx_errors),
+            rx: g(&self.rx),
+            rx_malformed: g(&self.rx_malformed),
+            rx_dropped: g(&self.rx_dropped),
+        }
+    }
+}
+
+/// Checks a NIC's MAC before its VM starts.
+pub fn parse_mac(mac: &str) -> Result<MacAddr, NetworkError> {
+    mac.parse()
+        .map_err(|_| NetworkError::BadMac(mac.to_owned()))
+}
+
+/// [`RemoteTransport`] over the peers' QUIC connections.
+struct QuicDatagrams {
+    transport: Transport,
+    stats: Arc<DatagramStats>,
+}
+
+impl RemoteTransport for QuicDatagrams {
+    fn send(&self, site: &HostId, vni: Vni, delivery: Delivery, ack: u64, frame: Bytes) {
+        // Never dial here: the switch must not wait. The link task keeps
+        // the connection up.
+        let Some(conn) = self.transport.live_connection(site.as_str()) else {
+            self.stats.tx_no_connection.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let quic = conn.quic();
+        let len = DATAGRAM_HEADER_LEN + frame.len();
+        if quic.max_datagram_size().is_none_or(|max| len > max) {
+            self.stats.tx_too_big.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let mut buf = BytesMut::with_capacity(len);
+        let h = DatagramHeader { vni, delivery, ack };
+        datagram::encode(&h, &frame, &mut buf);
+        match quic.send_datagram(buf.freeze()) {
+            Ok(()) => self.stats.tx.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.stats.tx_errors.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+}
+
+/// Status of the network for `godwit status` and the API.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NetworkStatus {
+    /// Network of guest NICs.
+    pub vni: u32,
+    /// VM name to switch port.
+    pub ports: BTreeMap<String, PortId>,
+    /// Peers with a live registry stream.
+    pub linked_peers: Vec<String>,
+    /// The switch and its shell.
+    pub overlay: OverlayStatus,
+    /// The QUIC datagram transport.
+    pub datagrams: DatagramCounts,
+}
+
+enum LinkMsg {
+    Up {
+        site: HostId,
+        gen: u64,
+        tx: mpsc::UnboundedSender<RegistryUpdate>,
+        ready: oneshot::Sender<()>,
+    },
+    Down {
+        site: HostId,
+        gen: u64,
+    },
+}
+
+/// The agent's guest network.
+pub struct Network {
+    handle: OverlayHandle,
+    vni: Vni,
+    host: HostId,
+    ports: Mutex<HashMap<String, PortId>>,
+    next_port: AtomicU32,
+    next_gen: AtomicU64,
+    stats: Arc<DatagramStats>,
+    links: mpsc::UnboundedSender<LinkMsg>,
+    linked: Arc<Mutex<HashSet<HostId>>>,
+    /// Pending ports already claimed (on QEMU's RARP or at completion), so
+    /// a port claims once.
+    claimed: Arc<Mutex<HashSet<PortId>>>,
+    events: broadcast::Sender<OverlayEvent>,
+}
+
+impl std::fmt::Debug for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Network")
+            .field("host", &self.host)
+            .field("vni", &self.vni)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Network {
+    /// Spawns the switch for host `name`, wires the datagram transport of
+    /// `peers` to it and starts the registry links.
+    pub async fn start(
+        name: &str,
+        cfg: &NetworkSection,
+        peers: &Peers,
+    ) -> Result<Arc<Network>, crate::config::ConfigError> {
+        let vni = cfg.vni()?;
+        let host = HostId::new(name);
+        let stats = Arc::new(DatagramStats::default());
+        let transport = Arc::new(QuicDatagrams {
+            transport: peers.transport().clone(),
+            stats: stats.clone(),
+        });
+        let (handle, outputs) = OverlaySwitch::spawn(host.clone(), transport);
+        if let Some(gw) = cfg.gateway() {
+            // Only fails once the driver stopped, which it has not.
+            let _ = handle.set_gateway(vni, Some(gw)).await;
+        }
+        let sink = handle.remote_sink();
+        let rx_stats = stats.clone();
+        peers
+            .transport()
+            .on_datagram(Arc::new(move |peer: &str, d: Bytes| {
+                rx_stats.rx.fetch_add(1, Ordering::Relaxed);
+                let Ok((h, frame)) = datagram::decode(&d) else {
+                    rx_stats.rx_malformed.fetch_add(1, Ordering::Relaxed);
+                    return;
+                };
+                let frame = d.slice_ref(frame);
+                if sink
+                    .deliver(HostId::new(peer), h.vni, h.delivery, h.ack, frame)
+                    .is_err()
+                {
+                    rx_stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        let (links_tx, links_rx) = mpsc::unbounded_channel();
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let linked = Arc::new(Mutex::new(HashSet::new()));
+        let claimed = Arc::new(Mutex::new(HashSet::new()));
+        let net = Arc::new(Network {
+            handle: handle.clone(),
+            vni,
+            host,
+            ports: Mutex::new(HashMap::new()),
+            next_port: AtomicU32::new(1),
+            next_gen: AtomicU64::new(1),
+            stats,
+            links: links_tx,
+            linked: linked.clone(),
+            claimed: claimed.clone(),
+            events: events.clone(),
+        });
+        tokio::spawn(
+            dispatch(handle, outputs.events, links_rx, events, linked, claimed)
+                .instrument(tracing::info_span!("overlay_control")),
+        );
+        tokio::spawn(scan_peers(Arc::downgrade(&net), peers.clone()));
+        info!(vni = %vni, "guest network started");
+        Ok(net)
+    }
+
+    /// The switch.
+    pub fn handle(&self) -> &OverlayHandle {
+        &self.handle
+    }
+
+    /// The network guest NICs join.
+    pub fn vni(&self) -> Vni {
+        self.vni
+    }
+
+    /// Port events (fenced, RARP seen, connected, disconnected).
+    pub fn subscribe(&self) -> broadcast::Receiver<OverlayEvent> {
+        self.events.subscribe()
+    }
+
+    /// Attaches the NIC of `vm` (a VM whose spec has a `-netdev stream`
+    /// NIC) to the switch in `state`: the port connects to the socket its
+    /// QEMU listens on. Replaces an earlier port of the same VM. A VM
+    /// without such a NIC is left alone.
+    pub async fn attach(&self, vm: &VmHandle, state: PortState) -> Result<(), NetworkError> {
+        let Some(nic) = &vm.spec.nic else {
+            return Ok(());
+        };
+        if nic.netdev != NetdevSpec::Stream {
+            return Ok(());
+        }
+        let mac = parse_mac(&nic.mac)?;
+        let name = vm.spec.name.as_str();
+        self.remove_vm_port(name).await;
+        let port = PortId(self.next_port.fetch_add(1, Ordering::Relaxed));
+        let cfg = PortConfig {
+            vni: self.vni,
+            mac,
+            allow_other_sources: false,
+        };
+        self.handle
+            .add_stream_port(port, cfg, state, vm.instance.net_socket.clone())
+            .await?;
+        self.lock_ports().insert(name.to_owned(), port);
+        info!(vm = name, %port, %mac, ?state, "NIC attached to the overlay");
+        Ok(())
+    }
+
+    /// Points `vm`'s port at the NIC of its new QEMU on this host, which
+    /// listens at `socket` (a same-host handover, once the old QEMU
+    /// handed over and before the new one runs the guest).
+    pub async fn follow(&self, vm: &str, socket: &std::path::Path) -> Result<(), NetworkError> {
+        let Some(port) = self.port_of(vm) else {
+            return Ok(());
+        };
+        self.handle.retarget_port(port, socket).await?;
+        Ok(())
+    }
+
+    /// Detaches `vm`'s NIC, if it has one.
+    pub async fn remove_vm_port(&self, vm: &str) {
+        let Some(port) = self.lock_ports().remove(vm) else {
+            return;
+        };
+        self.claimed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&port);
+        match self.handle.remove_port(port).await {
+            Ok(()) => info!(vm, %port, "NIC detached from the overlay"),
+            Err(e) => debug!(vm, %port, cause = %e, "removing port"),
+        }
+    }
+
+    /// The source's switchover step: `vm` now runs elsewhere; nothing its
+    /// old QEMU emits goes anywhere from now on.
+    ///
+    /// Called when the migration has completed, not when QEMU stops the
+    /// guest for the switchover: a fenced port never reopens, and QEMU 7.2's
+    /// stream client cannot reconnect to a replaced port, so fencing at the
+    /// stop would leave a guest whose migration then fails without a
+    /// network. Nothing is lost by waiting: the paused guest emits nothing,
+    /// and the destination's claim fences the port anyway when it arrives
+    /// first.
+    pub async fn fence_vm(&self, vm: &str) {
+        let Some(port) = self.port_of(vm) else { return };
+        if let Err(e) = self.handle.fence(port).await {
+            warn!(vm, %port, cause = %e, "fencing the NIC");
+        }
+    }
+
+    /// The destination's switchover steps once `vm` runs here: claim its
+    /// MAC (unless QEMU's RARP already triggered the claim), then open the
+    /// port (queued frames flow, the guest's addresses are announced).
+    pub async fn activate(&self, vm: &str) {
+        let Some(port) = self.port_of(vm) else { return };
+        let first = self
+            .claimed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(port);
+        if first {
+            if let Err(e) = self.handle.claim(port, Vec::new()).await {
+                warn!(vm, %port, cause = %e, "claiming the NIC's location");
+            }
+        }
+        match self.handle.open(port).await {
+            Ok(()) => info!(vm, %port, "NIC open: the guest's location moved here"),
+            Err(e) => warn!(vm, %port, cause = %e, "opening the NIC"),
+        }
+    }
+
+    /// `vm`'s port, if its NIC is on the switch.
+    pub fn port_of(&self, vm: &str) -> Option<PortId> {
+        self.lock_ports().get(vm).copied()
+    }
+
+    /// Status for the API.
+    pub async fn status(&self) -> Result<NetworkStatus, NetworkError> {
+        let overlay = self.handle.status().await?;
+        let mut linked: Vec<String> = self
+            .linked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|h| h.to_string())
+            .collect();
+        linked.sort();
+        Ok(NetworkStatus {
+            vni: self.vni.get(),
+            ports: self
+                .lock_ports()
+                .iter()
+                .map(|(k, v)| (k.clone(), *v))
+                .collect(),
+            linked_peers: linked,
+            overlay,
+            datagrams: self.stats.snapshot(),
+        })
+    }
+
+    /// Runs the registry link on a stream `peer` opened (or we opened) until
+    /// it breaks.
+    pub async fn run_link(
+        &self,
+        peer: &str,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) {
+        let site = HostId::new(peer);
+        let gen = self.next_gen.fetch_add(1, Ordering::Relaxed);
+        let (tx, mut rx) = mpsc::unbounded_channel::<RegistryUpdate>();
+        let (ready, ready_rx) = oneshot::channel();
+        if self
+            .links
+            .send(LinkMsg::Up {
+                site: site.clone(),
+                gen,
+                tx,
+                ready,
+            })
+            .is_err()
+            || ready_rx.await.is_err()
+        {
+            return;
+        }
+        info!(%peer, gen, "registry link up");
+        let writer = async {
+            while let Some(u) = rx.recv().await {
+                if let Err(e) = write_frame(&mut send, &Frame::control(&u)).await {
+                    return format!("write: {e}");
+                }
+            }
+            "closed".to_owned()
+        };
+        let reader = async {
+            loop {
+                let f = match read_first_frame(&mut recv).await {
+                    Ok(f) => f,
+                    Err(e) => return format!("read: {e}"),
+                };
+                match f.json::<RegistryUpdate>() {
+                    Ok(u) => {
+                        if self.handle.apply_update(site.clone(), u).await.is_err() {
+                            return "switch stopped".to_owned();
+                        }
+                    }
+                    // The counts on both sides would diverge: break the
+                    // link so both resynchronise.
+                    Err(e) => return format!("bad update: {e}"),
+                }
+            }
+        };
+        let why = tokio::select! {
+            w = writer => w,
+            r = reader => r,
+        };
+        let _ = send.shutdown().await;
+        info!(%peer, gen, why, "registry link down");
+        let _ = self.links.send(LinkMsg::Down { site, gen });
+    }
+
+    fn lock_ports(&self) -> std::sync::MutexGuard<'_, HashMap<String, PortId>> {
+        self.ports.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+struct Link {
+    gen: u64,
+    tx: mpsc::UnboundedSender<RegistryUpdate>,
+    /// Resets requested for this link whose Sync has not come out yet;
+    /// pushes wait until it is 0 (they predate the reset).
+    syncs_pending: u32,
+}
+
+/// Fans the switch's events out: registry updates to the links, port
+/// events to subscribers.
+async fn dispatch(
+    handle: OverlayHandle,
+    mut events: mpsc::UnboundedReceiver<OverlayEvent>,
+    mut links_rx: mpsc::UnboundedReceiver<LinkMsg>,
+    subscribers: broadcast::Sender<OverlayEvent>,
+    linked: Arc<Mutex<HashSet<HostId>>>,
+    claimed: Arc<Mutex<HashSet<PortId>>>,
+) {
+    let mut links: HashMap<HostId, Link> = HashMap::new();
+    let set_linked = |links: &HashMap<HostId, Link>| {
+        *linked.lock().unwrap_or_else(PoisonError::into_inner) = links
+            .iter()
+            .filter(|(_, l)| l.syncs_pending == 0)
+            .map(|(h, _)| h.clone())
+            .collect();
+    };
+    loop {
+        tokio::select! {
+            // Links first: a link must be installed before its Sync event.
+            biased;
+            m = links_rx.recv() => match m {
+                Some(LinkMsg::Up { site, gen, tx, ready }) => {
+                    let pending = links.get(&site).map_or(0, |l| l.syncs_pending);
+                    links.insert(site.clone(), Link { gen, tx, syncs_pending: pending + 1 });
+                    // The reset is queued before any update the link reads
+                    // (the link waits for `ready`), so both count from 0.
+                    if handle.reset_peer(site).await.is_err() {
+                        break;
+                    }
+                    let _ = ready.send(());
+                }
+                Some(LinkMsg::Down { site, gen }) => {
+                    if links.get(&site).is_some_and(|l| l.gen == gen) {
+                        links.remove(&site);
+                        set_linked(&links);
+                    }
+                }
+                None => break,
+            },
+            ev = events.recv() => match ev {
+                Some(OverlayEvent::Push(u)) => {
+                    for l in links.values() {
+                        if l.syncs_pending == 0 {
+                            let _ = l.tx.send(u.clone());
+                        }
+                    }
+                }
+                Some(OverlayEvent::Sync { site, updates }) => {
+                    if let Some(l) = links.get_mut(&site) {
+                        l.syncs_pending = l.syncs_pending.saturating_sub(1);
+                        if l.syncs_pending == 0 {
+                            debug!(%site, n = updates.len(), "full sync");
+                            for u in updates {
+                                let _ = l.tx.send(u);
+                            }
+                        }
+                    }
+                    set_linked(&links);
+                }
+                Some(OverlayEvent::RarpSeen { port, mac }) => {
+                    // QEMU sends its RARP train only once the incoming
+                    // state loaded and the VM is about to run here: the
+                    // earliest safe moment to claim (reference §0.3).
+                    let first = claimed.lock().unwrap_or_else(PoisonError::into_inner).insert(port);
+                    if first {
+                        info!(%port, %mac, "RARP from the arriving guest; claiming its location");
+                        if let Err(e) = handle.claim(port, Vec::new()).await {
+                            warn!(%port, cause = %e, "claim on RARP");
+                        }
+                    }
+                    let _ = subscribers.send(OverlayEvent::RarpSeen { port, mac });
+                }
+                Some(other) => {
+                    // No subscriber is fine.
+                    let _ = subscribers.send(other);
+                }
+                None => break,
+            },
+        }
+    }
+    debug!("overlay control stopped");
+}
+
+/// Joins every configured peer to the network and keeps a registry link to
+/// each peer whose name sorts after ours (the other side dials us).
+async fn scan_peers(net: std::sync::Weak<Network>, peers: Peers) {
+    let mut known = HashSet::new();
+    loop {
+        let Some(n) = net.upgrade() else { return };
+        for p in peers.entries() {
+            if !known.insert(p.name.clone()) {
+                continue;
+            }
+            let site = HostId::new(&p.name);
+            if n.handle.add_remote(n.vni, site).await.is_err() {
+                return;
+            }
+            if n.host.as_str() < p.name.as_str() {
+                let span = tracing::info_span!("registry_link", peer = %p.name);
+                tokio::spawn(
+                    dial_link(net.clone(), peers.clone(), p.name.clone()).instrument(span),
+                );
+            }
+        }
+        drop(n);
+        tokio::time::sleep(PEER_SCAN).await;
+    }
+}
+
+async fn dial_link(net: std::sync::Weak<Network>, peers: Peers, name: String) {
+    let mut failures = 0u32;
+    loop {
+        let Ok(entry) = peers.resolve(&name) else {
+            return;
+        };
+        let opened = match peers.connection(&entry).await {
+            Ok(c) => c
+                .open(StreamPurpose::NetworkFrames)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(crate::error_chain(&e)),
+        };
+        match opened {
+            Ok((send, recv)) => {
+                failures = 0;
+                let Some(n) = net.upgrade() else { return };
+                n.run_link(&name, send, recv).await;
+            }
+            Err(e) => {
+                failures += 1;
+                // The peer is often just not up yet; say so once.
+                if failures == 1 {
+                    warn!(cause = %e, "cannot open the registry link; retrying");
+                }
+            }
+        }
+        if net.strong_count() == 0 {
+            return;
+        }
+        tokio::time::sleep(LINK_RETRY).await;
+    }
+}
