@@ -94,20 +94,24 @@ impl Drop for Lab {
 }
 
 fn guest(site: &str, vm: &str, cmd: Value) -> Value {
+    guest_with(site, vm, &cmd, &[])
+}
+
+/// `godwit guest` with extra flags; returns the report it prints.
+fn guest_with(site: &str, vm: &str, cmd: &Value, flags: &[&str]) -> Value {
     let c = cmd.to_string();
-    last_data(
-        &ok(&[
-            "--json",
-            "--site",
-            site,
-            "guest",
-            vm,
-            &c,
-            "--timeout",
-            "300",
-        ]),
+    let mut args = vec![
+        "--json",
+        "--site",
+        site,
         "guest",
-    )
+        vm,
+        &c,
+        "--timeout",
+        "300",
+    ];
+    args.extend_from_slice(flags);
+    last_data(&ok(&args), "guest")
 }
 
 /// Boots the test guest at site `a` with memdirty running; returns its boot id.
@@ -535,23 +539,7 @@ fn location(site: &str, mac: &str) -> (String, u64) {
 
 /// Runs a guest probe to its final report, in the background.
 fn probe(site: &'static str, vm: &'static str, cmd: Value) -> std::thread::JoinHandle<Value> {
-    std::thread::spawn(move || {
-        let c = cmd.to_string();
-        last_data(
-            &ok(&[
-                "--json",
-                "--site",
-                site,
-                "guest",
-                vm,
-                &c,
-                "--until-done",
-                "--timeout",
-                "300",
-            ]),
-            "guest",
-        )
-    })
+    std::thread::spawn(move || guest_with(site, vm, &cmd, &["--until-done"]))
 }
 
 /// Network continuity (issue 5): a guest keeps its address, a UDP stream
