@@ -208,9 +208,10 @@ pub struct Network {
     stats: Arc<DatagramStats>,
     links: mpsc::UnboundedSender<LinkMsg>,
     linked: Arc<Mutex<HashSet<HostId>>>,
-    /// Pending ports already claimed (on QEMU's RARP or at completion), so
+    /// Pending ports already switched over (switched and opened, on QEMU's
+    /// RARP or at completion), so a port switches over once:
     /// a port claims once.
-    claimed: Arc<Mutex<HashSet<PortId>>>,
+    switched: Arc<Mutex<HashSet<PortId>>>,
     events: broadcast::Sender<OverlayEvent>,
 }
 
@@ -264,7 +265,7 @@ impl Network {
         let (links_tx, links_rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let linked = Arc::new(Mutex::new(HashSet::new()));
-        let claimed = Arc::new(Mutex::new(HashSet::new()));
+        let switched = Arc::new(Mutex::new(HashSet::new()));
         let net = Arc::new(Network {
             handle: handle.clone(),
             vni,
@@ -275,11 +276,11 @@ impl Network {
             stats,
             links: links_tx,
             linked: linked.clone(),
-            claimed: claimed.clone(),
+            switched: switched.clone(),
             events: events.clone(),
         });
         tokio::spawn(
-            dispatch(handle, outputs.events, links_rx, events, linked, claimed)
+            dispatch(handle, outputs.events, links_rx, events, linked, switched)
                 .instrument(tracing::info_span!("overlay_control")),
         );
         tokio::spawn(scan_peers(Arc::downgrade(&net), peers.clone()));
@@ -346,7 +347,7 @@ impl Network {
         let Some(port) = self.lock_ports().remove(vm) else {
             return;
         };
-        self.claimed
+        self.switched
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&port);
@@ -373,24 +374,12 @@ impl Network {
         }
     }
 
-    /// The destination's switchover steps once `vm` runs here: claim its
-    /// MAC (unless QEMU's RARP already triggered the claim), then open the
-    /// port (queued frames flow, the guest's addresses are announced).
+    /// The destination's switchover once `vm` runs here, unless QEMU's
+    /// RARP already triggered it (see [`switch_over`]).
     pub async fn activate(&self, vm: &str) {
         let Some(port) = self.port_of(vm) else { return };
-        let first = self
-            .claimed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(port);
-        if first {
-            if let Err(e) = self.handle.claim(port, Vec::new()).await {
-                warn!(vm, %port, cause = %e, "claiming the NIC's location");
-            }
-        }
-        match self.handle.open(port).await {
-            Ok(()) => info!(vm, %port, "NIC open: the guest's location moved here"),
-            Err(e) => warn!(vm, %port, cause = %e, "opening the NIC"),
+        if first_switchover(&self.switched, port) {
+            switch_over(&self.handle, port).await;
         }
     }
 
@@ -505,7 +494,7 @@ async fn dispatch(
     mut links_rx: mpsc::UnboundedReceiver<LinkMsg>,
     subscribers: broadcast::Sender<OverlayEvent>,
     linked: Arc<Mutex<HashSet<HostId>>>,
-    claimed: Arc<Mutex<HashSet<PortId>>>,
+    switched: Arc<Mutex<HashSet<PortId>>>,
 ) {
     let mut links: HashMap<HostId, Link> = HashMap::new();
     let set_linked = |links: &HashMap<HostId, Link>| {
@@ -560,14 +549,13 @@ async fn dispatch(
                 }
                 Some(OverlayEvent::RarpSeen { port, mac }) => {
                     // QEMU sends its RARP train only once the incoming
-                    // state loaded and the VM is about to run here: the
-                    // earliest safe moment to claim (reference §0.3).
-                    let first = claimed.lock().unwrap_or_else(PoisonError::into_inner).insert(port);
-                    if first {
-                        info!(%port, %mac, "RARP from the arriving guest; claiming its location");
-                        if let Err(e) = handle.claim(port, Vec::new()).await {
-                            warn!(%port, cause = %e, "claim on RARP");
-                        }
+                    // state loaded and the VM runs here: the earliest safe
+                    // moment to switch over (reference §0.3). Waiting for
+                    // the agent to adopt the VM would drop what the guest
+                    // sends meanwhile (a pending port's frames go nowhere).
+                    if first_switchover(&switched, port) {
+                        info!(%port, %mac, "RARP from the arriving guest; switching its location here");
+                        switch_over(&handle, port).await;
                     }
                     let _ = subscribers.send(OverlayEvent::RarpSeen { port, mac });
                 }
@@ -580,6 +568,26 @@ async fn dispatch(
         }
     }
     debug!("overlay control stopped");
+}
+
+/// Marks `port` switched over; true the first time.
+fn first_switchover(done: &Mutex<HashSet<PortId>>, port: PortId) -> bool {
+    done.lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(port)
+}
+
+/// The destination's switchover steps: claim the port's MAC (a higher
+/// sequence number, pushed to every peer, which fences the source), then
+/// open the port (queued frames flow, the guest's addresses are announced).
+async fn switch_over(handle: &OverlayHandle, port: PortId) {
+    if let Err(e) = handle.claim(port, Vec::new()).await {
+        warn!(%port, cause = %e, "claiming the NIC's location");
+    }
+    match handle.open(port).await {
+        Ok(()) => info!(%port, "NIC open: the guest's location moved here"),
+        Err(e) => warn!(%port, cause = %e, "opening the NIC"),
+    }
 }
 
 /// Joins every configured peer to the network and keeps a registry link to

@@ -17,6 +17,8 @@
 //!   RAM size (`crate::bench_local`).
 //! - `evacuate`: four guests moved off a host under a bandwidth budget
 //!   (`crate::bench_evacuate`).
+//! - `network`: a guest's UDP stream and TCP connection across repeated
+//!   moves between sites (`crate::bench_network`).
 
 use std::time::Duration;
 
@@ -49,6 +51,8 @@ pub enum Suite {
     Local,
     /// Seed 001: host evacuation under a bandwidth budget.
     Evacuate,
+    /// Seed 002: a guest's UDP stream and TCP connection across moves.
+    Network,
 }
 
 /// `godwit bench`.
@@ -118,12 +122,25 @@ pub struct BenchCmd {
     /// Migrations at once (evacuate suite).
     #[arg(long, default_value_t = 2)]
     parallel: usize,
+    /// UDP stream rates (network suite), kbit/s.
+    #[arg(long, value_delimiter = ',')]
+    stream_rates: Option<Vec<u64>>,
+    /// Moves per stream rate (network suite).
+    #[arg(long, default_value_t = crate::bench_network::DEFAULT_MOVES)]
+    moves: usize,
     #[command(flatten)]
     transport: crate::bench_transport::TransportArgs,
 }
 
 /// Migration cap, as in seed 000.
 const CAP_S: u64 = 600;
+
+/// The median of `v` (the upper middle of an even count); `None` if empty.
+pub fn median<T: Copy + PartialOrd>(v: &[T]) -> Option<T> {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    s.get(s.len() / 2).copied()
+}
 
 /// Runs a suite.
 pub async fn run(c: BenchCmd, out: Out) -> Result<()> {
@@ -166,6 +183,22 @@ pub async fn run(c: BenchCmd, out: Out) -> Result<()> {
                 rate_bps: c.rate,
             };
             crate::bench_evacuate::run(&suite, out).await?
+        }
+        Suite::Network => {
+            let suite = crate::bench_network::NetworkSuite {
+                rates_kbit: c
+                    .stream_rates
+                    .clone()
+                    .unwrap_or_else(|| crate::bench_network::DEFAULT_RATES_KBIT.to_vec()),
+                moves: c.moves.max(1),
+                delay_ms: c
+                    .delays
+                    .as_ref()
+                    .and_then(|d| d.first().copied())
+                    .unwrap_or(crate::bench_network::DEFAULT_DELAY_MS),
+                rate_bps: c.rate,
+            };
+            crate::bench_network::run(&suite, out).await?
         }
         Suite::Memory => {
             let suite = crate::bench_memory::MemorySuite {
@@ -324,4 +357,17 @@ async fn one_migration(c: &BenchCmd, direct: bool, out: Out) -> Result<Value> {
         row["same_boot"] = json!(v.same_boot);
     }
     Ok(row)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn median_takes_the_upper_middle() {
+        assert_eq!(super::median::<u64>(&[]), None);
+        assert_eq!(super::median(&[5]), Some(5));
+        assert_eq!(super::median(&[9, 1, 5]), Some(5));
+        assert_eq!(super::median(&[4, 1, 3, 2]), Some(3));
+        assert_eq!(super::median(&[-3i64, 7]), Some(7));
+        assert_eq!(super::median(&[2.5, 0.5]), Some(2.5));
+    }
 }

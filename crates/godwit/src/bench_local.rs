@@ -171,12 +171,8 @@ async fn series(
     Ok(r)
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    Some(v[v.len() / 2])
+fn median(v: Vec<f64>) -> Option<f64> {
+    crate::bench::median(&v)
 }
 
 fn max(v: &[f64]) -> Option<f64> {

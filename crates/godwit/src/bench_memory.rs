@@ -265,10 +265,7 @@ impl Cell<'_> {
         direct: bool,
         to_name: &str,
     ) -> Result<Value> {
-        let quiet = Out {
-            json: false,
-            quiet: true,
-        };
+        let quiet = Out::QUIET;
         let m = match scenario::migrate(from, vm, to_name, direct, self.suite.cap_s, quiet).await {
             Ok(m) => m,
             Err(e) => return Ok(json!({"success": false, "error": format!("{e:#}")})),

@@ -13,6 +13,7 @@ mod bench_codec;
 mod bench_evacuate;
 mod bench_local;
 mod bench_memory;
+mod bench_network;
 mod bench_transport;
 mod cmd;
 mod guestimg;

@@ -20,6 +20,13 @@ pub struct Out {
 }
 
 impl Out {
+    /// Progress and chatter off: for steps inside a benchmark, whose own
+    /// notes say what runs.
+    pub const QUIET: Out = Out {
+        json: false,
+        quiet: true,
+    };
+
     /// Prints one JSON line `{"type": kind, "data": data}`.
     pub fn emit<T: Serialize>(&self, kind: &str, data: &T) {
         let line = serde_json::json!({"type": kind, "data": data});

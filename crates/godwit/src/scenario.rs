@@ -23,6 +23,18 @@ pub fn site(name: &str) -> ApiClient {
 
 /// Boots the test guest on `client`'s host and waits for its tool.
 pub async fn boot(client: &ApiClient, name: &str, memory_mib: u64, out: Out) -> Result<String> {
+    boot_with_ip(client, name, memory_mib, None, out).await
+}
+
+/// [`boot`], with a NIC on the agent's switch and eth0 at `ip`
+/// (`ADDR/PREFIX`) when given.
+pub async fn boot_with_ip(
+    client: &ApiClient,
+    name: &str,
+    memory_mib: u64,
+    ip: Option<&str>,
+    out: Out,
+) -> Result<String> {
     let args = CreateArgs {
         name: name.into(),
         memory: memory_mib,
@@ -33,7 +45,7 @@ pub async fn boot(client: &ApiClient, name: &str, memory_mib: u64, out: Out) -> 
         cmdline: String::new(),
         disk: None,
         mac: None,
-        ip: None,
+        ip: ip.map(str::to_owned),
         gateway: None,
         wait: false,
     };
