@@ -374,6 +374,34 @@ impl Network {
         }
     }
 
+    /// After a migration that failed on the source's side: the guest runs
+    /// here again. If the destination already switched its location over
+    /// (it loaded the state and sent QEMU's RARP before the migration was
+    /// declared failed), this host's port was fenced and a fenced port never
+    /// reopens: attach a new one and switch the location back with a higher
+    /// sequence number. Otherwise nothing moved and nothing is done.
+    pub async fn recover(&self, vm: &VmHandle) -> Result<(), NetworkError> {
+        let Some(port) = self.port_of(&vm.spec.name) else {
+            return Ok(());
+        };
+        let status = self.handle.status().await?;
+        let fenced = status
+            .switch
+            .ports
+            .iter()
+            .any(|p| p.port == port && p.state == PortState::Fenced);
+        if !fenced {
+            return Ok(());
+        }
+        warn!(vm = vm.spec.name, %port, "the failed migration had moved the guest's location; taking it back");
+        self.attach(vm, PortState::Pending).await?;
+        if let Some(new) = self.port_of(&vm.spec.name) {
+            first_switchover(&self.switched, new);
+            switch_over(&self.handle, new).await;
+        }
+        Ok(())
+    }
+
     /// The destination's switchover once `vm` runs here, unless QEMU's
     /// RARP already triggered it (see [`switch_over`]).
     pub async fn activate(&self, vm: &str) {

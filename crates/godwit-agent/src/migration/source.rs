@@ -170,6 +170,11 @@ async fn run(
         }
         Ending::Failed(why) => {
             agent.vms.set_state(&vm, VmState::Running);
+            if let Some(net) = &agent.network {
+                if let Err(e) = net.recover(&vm).await {
+                    warn!(cause = %crate::error_chain(&e), "could not take the guest's network location back");
+                }
+            }
             agent.metrics.migrations_failed.inc();
             error!(cause = why, "migration failed; the VM keeps running here");
             job.finish(MigrationPhase::Failed, report, Some(why));
