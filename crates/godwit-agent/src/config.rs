@@ -244,6 +244,25 @@ pub struct NetworkSection {
     pub gateway_ips: Vec<std::net::IpAddr>,
     /// The gateway's MAC; default [`DEFAULT_GATEWAY_MAC`].
     pub gateway_mac: Option<godwit_overlay::MacAddr>,
+    /// Hosts that run no agent but a Linux `vxlan` device: frames to and
+    /// from them travel as plain VXLAN (RFC 7348, UDP, neither encrypted
+    /// nor authenticated beyond the source address), and their guests'
+    /// locations are learned from the frames they send.
+    pub vxlan_peers: Vec<VxlanPeer>,
+    /// Where VXLAN from `vxlan_peers` is received; default
+    /// `0.0.0.0:4789`. Unused without VXLAN peers.
+    pub vxlan_listen: Option<std::net::SocketAddr>,
+}
+
+/// A VXLAN-only peer (`[[network.vxlan_peers]]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VxlanPeer {
+    /// Name in the location registry and in status.
+    pub name: String,
+    /// Its VTEP: the address its `vxlan` device sends from and receives
+    /// on (usually port 4789).
+    pub address: std::net::SocketAddr,
 }
 
 /// The gateway MAC when `[network] gateway_mac` is not set: locally
@@ -255,6 +274,10 @@ pub const DEFAULT_GATEWAY_MAC: godwit_overlay::MacAddr =
 /// The network guest NICs join unless `[network] vni` says otherwise.
 pub const DEFAULT_VNI: u32 = 1;
 
+/// The VXLAN UDP port (RFC 7348), for `[network] vxlan_listen` and
+/// `vxlan_peers`.
+pub const VXLAN_PORT: u16 = godwit_overlay::VXLAN_UDP_PORT;
+
 impl Default for NetworkSection {
     fn default() -> Self {
         Self {
@@ -262,6 +285,8 @@ impl Default for NetworkSection {
             vni: DEFAULT_VNI,
             gateway_ips: Vec::new(),
             gateway_mac: None,
+            vxlan_peers: Vec::new(),
+            vxlan_listen: None,
         }
     }
 }
@@ -411,6 +436,19 @@ impl AgentConfig {
                 })?;
         }
         self.network.vni()?;
+        let mut vxlan_names = std::collections::HashSet::new();
+        for p in &self.network.vxlan_peers {
+            if p.name.is_empty()
+                || p.name == self.name
+                || self.peers.iter().any(|a| a.name == p.name)
+                || !vxlan_names.insert(p.name.as_str())
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "network.vxlan_peers: name {:?} is empty or already taken",
+                    p.name
+                )));
+            }
+        }
         if self.migration.downtime_limit_ms == 0 || self.migration.downtime_limit_ms > 2_000_000 {
             return Err(ConfigError::Invalid(
                 "migration.downtime_limit_ms must be 1..=2000000".into(),

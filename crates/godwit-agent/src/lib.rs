@@ -59,6 +59,9 @@ pub enum AgentError {
     /// The transport could not start.
     #[error("starting the peer transport")]
     Transport(#[from] godwit_transport::TransportError),
+    /// The guest network could not start.
+    #[error("starting the guest network")]
+    Network(#[from] network::NetworkError),
     /// A local resource could not be set up.
     #[error("{what}")]
     Io {

@@ -47,6 +47,7 @@ use godwit_overlay::datagram::{self, DatagramHeader, DATAGRAM_HEADER_LEN};
 use godwit_overlay::{
     Delivery, HostId, MacAddr, OverlayError, OverlayEvent, OverlayHandle, OverlayStatus,
     OverlaySwitch, PortConfig, PortId, PortState, RegistryUpdate, RemoteTransport, Vni,
+    VxlanConfig, VxlanStats, VxlanTransport,
 };
 use godwit_transport::{StreamPurpose, Transport};
 use godwit_wire::Frame;
@@ -84,6 +85,9 @@ pub enum NetworkError {
     /// The NIC's MAC is not a MAC.
     #[error("NIC MAC {0:?} is not a MAC address")]
     BadMac(String),
+    /// The `[network]` section is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 /// Counters of the QUIC datagram transport.
@@ -169,6 +173,26 @@ impl RemoteTransport for QuicDatagrams {
     }
 }
 
+/// Where the switch's frames to other hosts go: agents over QUIC
+/// datagrams, hosts with a kernel `vxlan` device ([`VxlanPeer`]s) as plain
+/// VXLAN.
+///
+/// [`VxlanPeer`]: crate::config::VxlanPeer
+struct Remotes {
+    quic: QuicDatagrams,
+    vxlan: Option<Arc<VxlanTransport>>,
+    vxlan_sites: HashSet<HostId>,
+}
+
+impl RemoteTransport for Remotes {
+    fn send(&self, site: &HostId, vni: Vni, delivery: Delivery, ack: u64, frame: Bytes) {
+        match &self.vxlan {
+            Some(v) if self.vxlan_sites.contains(site) => v.send(site, vni, delivery, ack, frame),
+            _ => self.quic.send(site, vni, delivery, ack, frame),
+        }
+    }
+}
+
 /// Status of the network for `godwit status` and the API.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct NetworkStatus {
@@ -182,6 +206,9 @@ pub struct NetworkStatus {
     pub overlay: OverlayStatus,
     /// The QUIC datagram transport.
     pub datagrams: DatagramCounts,
+    /// The VXLAN transport to hosts without an agent, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vxlan: Option<VxlanStats>,
 }
 
 enum LinkMsg {
@@ -213,6 +240,8 @@ pub struct Network {
     /// a port claims once.
     switched: Arc<Mutex<HashSet<PortId>>>,
     events: broadcast::Sender<OverlayEvent>,
+    /// The VXLAN transport, for its counters.
+    vxlan: Option<Arc<VxlanTransport>>,
 }
 
 impl std::fmt::Debug for Network {
@@ -231,15 +260,48 @@ impl Network {
         name: &str,
         cfg: &NetworkSection,
         peers: &Peers,
-    ) -> Result<Arc<Network>, crate::config::ConfigError> {
+    ) -> Result<Arc<Network>, NetworkError> {
         let vni = cfg.vni()?;
         let host = HostId::new(name);
         let stats = Arc::new(DatagramStats::default());
-        let transport = Arc::new(QuicDatagrams {
-            transport: peers.transport().clone(),
-            stats: stats.clone(),
+        let (vxlan, vxlan_rx) = if cfg.vxlan_peers.is_empty() {
+            (None, None)
+        } else {
+            let mut vc = VxlanConfig::new();
+            for p in &cfg.vxlan_peers {
+                vc.peers.insert(HostId::new(&p.name), p.address);
+            }
+            let listen = cfg.vxlan_listen.unwrap_or_else(|| {
+                std::net::SocketAddr::from(([0, 0, 0, 0], godwit_overlay::VXLAN_UDP_PORT))
+            });
+            let (t, rx) = VxlanTransport::bind(listen, vc)?;
+            info!(%listen, peers = cfg.vxlan_peers.len(), "plain VXLAN to hosts without an agent");
+            (Some(Arc::new(t)), Some(rx))
+        };
+        let transport = Arc::new(Remotes {
+            quic: QuicDatagrams {
+                transport: peers.transport().clone(),
+                stats: stats.clone(),
+            },
+            vxlan: vxlan.clone(),
+            vxlan_sites: cfg
+                .vxlan_peers
+                .iter()
+                .map(|p| HostId::new(&p.name))
+                .collect(),
         });
         let (handle, outputs) = OverlaySwitch::spawn(host.clone(), transport);
+        if let Some(rx) = vxlan_rx {
+            let sink = handle.remote_sink();
+            tokio::spawn(async move {
+                if let Err(e) = rx.run(sink).await {
+                    warn!(cause = %crate::error_chain(&e), "VXLAN receiver stopped");
+                }
+            });
+        }
+        for p in &cfg.vxlan_peers {
+            handle.add_remote(vni, HostId::new(&p.name)).await?;
+        }
         if let Some(gw) = cfg.gateway() {
             // Only fails once the driver stopped, which it has not.
             let _ = handle.set_gateway(vni, Some(gw)).await;
@@ -278,6 +340,7 @@ impl Network {
             linked: linked.clone(),
             switched: switched.clone(),
             events: events.clone(),
+            vxlan,
         });
         tokio::spawn(
             dispatch(handle, outputs.events, links_rx, events, linked, switched)
@@ -437,6 +500,7 @@ impl Network {
             linked_peers: linked,
             overlay,
             datagrams: self.stats.snapshot(),
+            vxlan: self.vxlan.as_ref().map(|v| v.stats()),
         })
     }
 

@@ -147,6 +147,8 @@ pub struct UdpAnalyzer {
     pub max_gap_ms: u64,
     /// Highest sequence number seen.
     pub max_seq: Option<u64>,
+    /// Lowest sequence number seen.
+    pub min_seq: Option<u64>,
     /// Gaps of at least [`UDP_GAP_LIST_MS`], the first [`UDP_GAP_LIST_MAX`].
     pub gap_list: Vec<UdpGap>,
     last_arrival_ms: Option<u64>,
@@ -187,6 +189,7 @@ impl UdpAnalyzer {
             return;
         }
         self.unique += 1;
+        self.min_seq = Some(self.min_seq.map_or(seq, |m| m.min(seq)));
         match self.max_seq {
             Some(m) if seq < m => self.reordered += 1,
             _ => self.max_seq = Some(seq),
@@ -212,6 +215,7 @@ impl UdpAnalyzer {
             gaps: self.gaps,
             max_gap_ms: self.max_gap_ms,
             max_seq: self.max_seq,
+            min_seq: self.min_seq,
             gap_list: if done {
                 self.gap_list.clone()
             } else {
@@ -262,6 +266,7 @@ pub fn udp_send(
         gaps: 0,
         max_gap_ms: 0,
         max_seq: seq.checked_sub(1),
+        min_seq: None,
         gap_list: Vec::new(),
     };
     loop {
@@ -536,6 +541,7 @@ mod tests {
         assert_eq!(a.max_gap_ms, 300);
         assert_eq!(a.gaps, 1);
         assert_eq!(a.max_seq, Some(6));
+        assert_eq!(a.min_seq, Some(0));
         // Gaps of 20 ms and more are listed with when they ended.
         assert_eq!(
             a.gap_list,

@@ -424,6 +424,12 @@ pub enum Report {
         max_gap_ms: u64,
         /// Highest sequence number seen (receiver) or sent (sender).
         max_seq: Option<u64>,
+        /// Receiver: lowest sequence number seen. A receiver started after
+        /// the sender counts everything below it as `lost`; the datagrams
+        /// lost since it started are `max_seq - min_seq + 1 - (received -
+        /// duplicates)`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        min_seq: Option<u64>,
         /// Receiver, final report only: every inter-arrival gap of at least
         /// [`crate::net::UDP_GAP_LIST_MS`] (the first
         /// [`crate::net::UDP_GAP_LIST_MAX`]), so a caller can tell which
@@ -648,6 +654,7 @@ mod tests {
                 gaps: 1,
                 max_gap_ms: 300,
                 max_seq: Some(10),
+                min_seq: Some(0),
                 gap_list: vec![UdpGap {
                     end_ms: 5000,
                     gap_ms: 240,

@@ -125,6 +125,10 @@ pub struct BenchCmd {
     /// UDP stream rates (network suite), kbit/s.
     #[arg(long, value_delimiter = ',')]
     stream_rates: Option<Vec<u64>>,
+    /// Skip the row with the receiver behind a kernel vxlan device
+    /// (network suite).
+    #[arg(long)]
+    no_kernel_vxlan: bool,
     /// Moves per stream rate (network suite).
     #[arg(long, default_value_t = crate::bench_network::DEFAULT_MOVES)]
     moves: usize,
@@ -197,6 +201,7 @@ pub async fn run(c: BenchCmd, out: Out) -> Result<()> {
                     .and_then(|d| d.first().copied())
                     .unwrap_or(crate::bench_network::DEFAULT_DELAY_MS),
                 rate_bps: c.rate,
+                kernel_row: !c.no_kernel_vxlan,
             };
             crate::bench_network::run(&suite, out).await?
         }

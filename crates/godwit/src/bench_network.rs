@@ -10,6 +10,11 @@
 //! interruption, and it is set against QEMU's own downtime for that move.
 //! The mover's sender runs for the whole row, so the stream never pauses
 //! between moves.
+//!
+//! One more row (at the first rate) puts the receiver behind a Linux
+//! kernel `vxlan` device instead of an agent: site `c` runs no agent, and
+//! the peer's probes run on the host in `c`'s namespace, on the device's
+//! address.
 
 use std::time::{Duration, Instant};
 
@@ -32,9 +37,9 @@ pub const DEFAULT_DELAY_MS: u64 = 50;
 /// Guest RAM, MiB.
 const RAM_MIB: u64 = 256;
 /// The guests' addresses on the overlay.
-const MOVER_IP: &str = "10.77.0.1";
+const MOVER_IP: &str = "10.99.0.1";
 /// See [`MOVER_IP`].
-const PEER_IP: &str = "10.77.0.3";
+const PEER_IP: &str = "10.99.0.3";
 /// Overlay prefix length.
 const PREFIX: u8 = 24;
 /// UDP port of the receiver.
@@ -66,27 +71,155 @@ pub struct NetworkSuite {
     pub delay_ms: u64,
     /// Link rate, bits/s.
     pub rate_bps: u64,
+    /// Add the row with the receiver behind a kernel `vxlan` device.
+    pub kernel_row: bool,
 }
 
-/// Runs one fresh three-site lab per rate.
+/// Where the peer's probes run.
+#[derive(Clone)]
+enum Peer {
+    /// A guest on site `c`, through its agent.
+    Guest(ApiClient),
+    /// The host in site `c`'s namespace, on the kernel `vxlan` device:
+    /// the static guest tool run as a host program.
+    Kernel {
+        netns: String,
+        tool: std::path::PathBuf,
+    },
+}
+
+/// A probe of the peer.
+enum Probe {
+    /// Receive the mover's stream for `secs`.
+    Udp { secs: u64 },
+    /// Keep a TCP echo connection to the mover for `secs`.
+    Tcp { secs: u64 },
+}
+
+impl Peer {
+    /// Runs a probe to its final report.
+    async fn run(&self, p: Probe) -> Result<Value> {
+        match self {
+            Peer::Guest(c) => {
+                let (cmd, secs) = match p {
+                    Probe::Udp { secs } => (
+                        json!({"cmd": "udp_recv", "bind": format!("0.0.0.0:{UDP_PORT}"), "duration_s": secs}),
+                        secs,
+                    ),
+                    Probe::Tcp { secs } => (
+                        json!({"cmd": "tcp_echo_client", "dest": format!("{MOVER_IP}:{TCP_PORT}"),
+                               "interval_ms": TCP_INTERVAL_MS, "duration_s": secs}),
+                        secs,
+                    ),
+                };
+                guest_until_done(c, "peer", cmd, Duration::from_secs(secs + 120)).await
+            }
+            Peer::Kernel { netns, tool } => {
+                let args: Vec<String> = match p {
+                    Probe::Udp { secs } => vec![
+                        "udp-recv".into(),
+                        "--bind".into(),
+                        format!("{PEER_IP}:{UDP_PORT}"),
+                        "--duration".into(),
+                        secs.to_string(),
+                    ],
+                    Probe::Tcp { secs } => vec![
+                        "tcp-echo-client".into(),
+                        "--dest".into(),
+                        format!("{MOVER_IP}:{TCP_PORT}"),
+                        "--interval-ms".into(),
+                        TCP_INTERVAL_MS.to_string(),
+                        "--duration".into(),
+                        secs.to_string(),
+                    ],
+                };
+                let mut cmd = godwit_lab::netns::command_in(netns, tool);
+                cmd.args(&args);
+                let out = tokio::task::spawn_blocking(move || cmd.output())
+                    .await
+                    .context("probe task")?
+                    .with_context(|| format!("running {} {args:?}", tool.display()))?;
+                // The tool prints one report per line (a protocol frame:
+                // a "GW1 " prefix, then JSON), the final one last.
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .filter_map(|l| serde_json::from_str::<Value>(&l[l.find('{')?..]).ok())
+                    .rfind(|v| v["done"] == true)
+                    .with_context(|| {
+                        format!(
+                            "no final report from {args:?}: {}",
+                            String::from_utf8_lossy(&out.stderr).trim()
+                        )
+                    })
+            }
+        }
+    }
+}
+
+/// Runs one fresh three-site lab per row.
 pub async fn run(s: &NetworkSuite, out: Out) -> Result<Vec<Value>> {
+    let mut cells: Vec<(u64, bool)> = s.rates_kbit.iter().map(|&r| (r, false)).collect();
+    if let (true, Some(&r)) = (s.kernel_row, s.rates_kbit.first()) {
+        cells.push((r, true));
+    }
     let mut rows = Vec::new();
-    for &rate in &s.rates_kbit {
+    for (rate, kernel) in cells {
         let spec = godwit_lab::LabSpec {
             sites: 3,
             delay: Duration::from_millis(s.delay_ms),
             rate_bps: s.rate_bps,
             ..godwit_lab::LabSpec::default()
         };
-        labenv::up(&spec, godwit_qemu::Accel::Tcg).await?;
-        let res = row(s, rate, out).await;
+        let kernel_sites = if kernel {
+            vec!["c".to_owned()]
+        } else {
+            Vec::new()
+        };
+        let st = labenv::up_with(&spec, godwit_qemu::Accel::Tcg, &kernel_sites).await?;
+        let res = async {
+            let peer = if kernel {
+                let c = st
+                    .sites
+                    .iter()
+                    .find(|x| x.name == "c")
+                    .context("no site c")?;
+                kernel_address(&c.netns)?;
+                Peer::Kernel {
+                    netns: c.netns.clone(),
+                    tool: crate::guestimg::find_guest_bin(None)?,
+                }
+            } else {
+                Peer::Guest(scenario::site("c"))
+            };
+            row(s, rate, &peer, out).await
+        }
+        .await;
         for vm in ["mover", "peer"] {
             scenario::stop_everywhere(&["a", "b", "c"], vm).await;
         }
         labenv::down()?;
-        rows.push(res?);
+        let mut r = res?;
+        r["receiver"] = json!(if kernel { "kernel-vxlan" } else { "guest" });
+        rows.push(r);
     }
     Ok(rows)
+}
+
+/// Puts the peer's address on site `c`'s kernel `vxlan` device.
+fn kernel_address(netns: &str) -> Result<()> {
+    let addr = format!("{PEER_IP}/{PREFIX}");
+    let out = godwit_lab::netns::command_in(netns, "ip")
+        .args(["addr", "add", &addr, "dev", labenv::KERNEL_VXLAN_DEV])
+        .output()
+        .context("running ip addr add")?;
+    if !out.status.success() {
+        bail!(
+            "ip addr add {addr} dev {}: {}",
+            labenv::KERNEL_VXLAN_DEV,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 /// One move's figures.
@@ -97,8 +230,7 @@ struct Move {
     migration: Duration,
 }
 
-async fn row(s: &NetworkSuite, rate_kbit: u64, out: Out) -> Result<Value> {
-    let peer = scenario::site("c");
+async fn row(s: &NetworkSuite, rate_kbit: u64, peer: &Peer, out: Out) -> Result<Value> {
     out.note(format!(
         "network: {rate_kbit} kbit/s, {} moves at {} ms",
         s.moves, s.delay_ms
@@ -111,14 +243,16 @@ async fn row(s: &NetworkSuite, rate_kbit: u64, out: Out) -> Result<Value> {
         out,
     )
     .await?;
-    scenario::boot_with_ip(
-        &peer,
-        "peer",
-        RAM_MIB,
-        Some(&format!("{PEER_IP}/{PREFIX}")),
-        out,
-    )
-    .await?;
+    if let Peer::Guest(c) = peer {
+        scenario::boot_with_ip(
+            c,
+            "peer",
+            RAM_MIB,
+            Some(&format!("{PEER_IP}/{PREFIX}")),
+            out,
+        )
+        .await?;
+    }
     let a = scenario::site("a");
     ack(
         &a,
@@ -148,7 +282,7 @@ async fn row(s: &NetworkSuite, rate_kbit: u64, out: Out) -> Result<Value> {
             .map(|m| m.migration)
             .max()
             .map_or(FIRST_WINDOW, |d| d * 2 + MARGIN * 2);
-        let m = one_move(&peer, here, there, window)
+        let m = one_move(peer, here, there, window)
             .await
             .with_context(|| format!("move {} ({here} -> {there})", i + 1))?;
         out.note(format!(
@@ -185,21 +319,16 @@ async fn row(s: &NetworkSuite, rate_kbit: u64, out: Out) -> Result<Value> {
 }
 
 /// One migration of the mover with the peer's probes around it.
-async fn one_move(peer: &ApiClient, from: &str, to: &str, window: Duration) -> Result<Move> {
+async fn one_move(peer: &Peer, from: &str, to: &str, window: Duration) -> Result<Move> {
     let secs = window.as_secs().max(1);
-    let probe = |cmd: Value| {
+    let probe = |p: Probe| {
         let peer = peer.clone();
-        tokio::spawn(async move {
-            guest_until_done(&peer, "peer", cmd, Duration::from_secs(secs + 120)).await
-        })
+        tokio::spawn(async move { peer.run(p).await })
     };
-    let recv = probe(
-        json!({"cmd": "udp_recv", "bind": format!("0.0.0.0:{UDP_PORT}"), "duration_s": secs}),
-    );
-    let tcp = probe(
-        json!({"cmd": "tcp_echo_client", "dest": format!("{MOVER_IP}:{TCP_PORT}"),
-                           "interval_ms": TCP_INTERVAL_MS, "duration_s": secs.saturating_sub(1).max(1)}),
-    );
+    let recv = probe(Probe::Udp { secs });
+    let tcp = probe(Probe::Tcp {
+        secs: secs.saturating_sub(1).max(1),
+    });
     let t0 = Instant::now();
     tokio::time::sleep(MARGIN).await;
     let m = scenario::migrate(
@@ -220,6 +349,16 @@ async fn one_move(peer: &ApiClient, from: &str, to: &str, window: Duration) -> R
     let udp = recv.await.context("UDP receiver task")??;
     let tcp = tcp.await.context("TCP client task")??;
     let n = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
+    // The receiver joined a running stream: count from the first datagram
+    // it saw, not from sequence number 0.
+    let unique = n(&udp, "received").saturating_sub(n(&udp, "duplicates"));
+    let lost = match (udp["min_seq"].as_u64(), udp["max_seq"].as_u64()) {
+        (Some(lo), Some(hi)) => (hi - lo.min(hi) + 1).saturating_sub(unique),
+        _ => 0,
+    };
+    if unique == 0 {
+        bail!("the receiver saw no datagram from the mover: {udp}");
+    }
     let gap_ms = n(&udp, "max_gap_ms");
     let downtime_ms = report.downtime_ms.unwrap_or(0);
     Ok(Move {
@@ -230,7 +369,7 @@ async fn one_move(peer: &ApiClient, from: &str, to: &str, window: Duration) -> R
             "downtime_ms": downtime_ms,
             "migration_ms": report.total_ms,
             "received": n(&udp, "received"),
-            "lost": n(&udp, "lost"),
+            "lost": lost,
             "duplicated": n(&udp, "duplicates"),
             "reordered": n(&udp, "reordered"),
             "tcp_connects": n(&tcp, "connects"),

@@ -40,22 +40,112 @@ pub fn require_lab() -> Result<LabState> {
 
 /// Brings up the topology and one agent per site.
 pub async fn up(spec: &LabSpec, accel: godwit_qemu::Accel) -> Result<LabState> {
+    up_with(spec, accel, &[]).await
+}
+
+/// The name of the Linux `vxlan` device on a kernel-VXLAN site.
+pub const KERNEL_VXLAN_DEV: &str = "vx0";
+
+/// [`up`], except that the sites named in `kernel_vxlan` run no agent:
+/// each gets a Linux `vxlan` device ([`KERNEL_VXLAN_DEV`], the agents'
+/// network identifier, flooding to every agent site, learning on), and
+/// every agent has it as a plain-VXLAN peer. Addresses on the device are
+/// the caller's to add.
+pub async fn up_with(
+    spec: &LabSpec,
+    accel: godwit_qemu::Accel,
+    kernel_vxlan: &[String],
+) -> Result<LabState> {
     let exe = std::env::current_exe().context("locating the godwit binary")?;
     let mut daemon = std::process::Command::new(&exe);
     daemon.args(["lab", "wan-daemon"]);
     let st = godwit_lab::topology::up(spec, &state_dir(), &daemon)
         .context("building the lab topology")?;
-    if let Err(e) = start_agents(&st, &exe, accel).await {
+    let started = async {
+        for k in kernel_vxlan {
+            if !st.sites.iter().any(|s| &s.name == k) {
+                bail!("no lab site {k:?} for a kernel VXLAN device");
+            }
+        }
+        kernel_vxlan_devices(&st, kernel_vxlan)?;
+        start_agents(&st, &exe, accel, kernel_vxlan).await
+    };
+    if let Err(e) = started.await {
         let _ = down();
         return Err(e);
     }
     Ok(st)
 }
 
-async fn start_agents(st: &LabState, exe: &Path, accel: godwit_qemu::Accel) -> Result<()> {
+/// Creates the `vxlan` device of each kernel-VXLAN site.
+fn kernel_vxlan_devices(st: &LabState, kernel: &[String]) -> Result<()> {
+    let vni = godwit_agent::config::DEFAULT_VNI.to_string();
+    let port = godwit_agent::config::VXLAN_PORT.to_string();
+    for site in st.sites.iter().filter(|s| kernel.contains(&s.name)) {
+        let ip = |args: &[&str]| -> Result<()> {
+            let out = godwit_lab::netns::command_in(&site.netns, args[0])
+                .args(&args[1..])
+                .output()
+                .with_context(|| format!("running {args:?} in site {}", site.name))?;
+            if !out.status.success() {
+                bail!(
+                    "{args:?} in site {} failed: {}",
+                    site.name,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            Ok(())
+        };
+        let local = site.addr.to_string();
+        ip(&[
+            "ip",
+            "link",
+            "add",
+            KERNEL_VXLAN_DEV,
+            "type",
+            "vxlan",
+            "id",
+            &vni,
+            "dstport",
+            &port,
+            "local",
+            &local,
+            "learning",
+        ])?;
+        // Broadcast and unknown unicast go to every agent site (head-end
+        // replication); replies go where the kernel learnt the MAC.
+        for other in st.sites.iter().filter(|s| !kernel.contains(&s.name)) {
+            ip(&[
+                "bridge",
+                "fdb",
+                "append",
+                "00:00:00:00:00:00",
+                "dev",
+                KERNEL_VXLAN_DEV,
+                "dst",
+                &other.addr.to_string(),
+            ])?;
+        }
+        // The lab's links carry 1500-byte packets; VXLAN adds 50 bytes.
+        ip(&["ip", "link", "set", KERNEL_VXLAN_DEV, "mtu", "1450", "up"])?;
+    }
+    Ok(())
+}
+
+async fn start_agents(
+    st: &LabState,
+    exe: &Path,
+    accel: godwit_qemu::Accel,
+    kernel_vxlan: &[String],
+) -> Result<()> {
     let mut cfgs = Vec::new();
     let mut reports = Vec::new();
-    for site in &st.sites {
+    let agent_sites: Vec<_> = st
+        .sites
+        .iter()
+        .filter(|s| !kernel_vxlan.contains(&s.name))
+        .collect();
+    for site in &agent_sites {
         let dir = site_dir(&site.name);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -76,8 +166,20 @@ async fn start_agents(st: &LabState, exe: &Path, accel: godwit_qemu::Accel) -> R
         reports.push(rep);
         cfgs.push(cfg_path);
     }
-    for (i, site) in st.sites.iter().enumerate() {
+    for (i, site) in agent_sites.iter().enumerate() {
         let mut cfg = AgentConfig::load(&cfgs[i])?;
+        cfg.network.vxlan_peers = st
+            .sites
+            .iter()
+            .filter(|s| kernel_vxlan.contains(&s.name))
+            .map(|s| config::VxlanPeer {
+                name: s.name.clone(),
+                address: (s.addr, godwit_agent::config::VXLAN_PORT).into(),
+            })
+            .collect();
+        if !cfg.network.vxlan_peers.is_empty() {
+            cfg.network.vxlan_listen = Some((site.addr, godwit_agent::config::VXLAN_PORT).into());
+        }
         cfg.qemu.ram_dir = PathBuf::from(format!("/dev/shm/godwit/lab-{}", site.name));
         cfg.peers = reports
             .iter()
@@ -110,7 +212,7 @@ async fn start_agents(st: &LabState, exe: &Path, accel: godwit_qemu::Accel) -> R
             child.id().to_string(),
         )?;
     }
-    for site in &st.sites {
+    for site in &agent_sites {
         wait_agent(&site.name, Duration::from_secs(20)).await?;
     }
     Ok(())

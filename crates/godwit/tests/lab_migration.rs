@@ -65,6 +65,12 @@ const LAB_LOCK: &str = "/run/godwit/lab.lock";
 
 impl Lab {
     fn up(delay: &str, rate: &str) -> Lab {
+        Self::up_with(delay, rate, &["--sites", "2"]).0
+    }
+
+    /// A lab with extra `godwit lab up` flags; returns what `lab up`
+    /// printed (sites, addresses, namespaces) too.
+    fn up_with(delay: &str, rate: &str, flags: &[&str]) -> (Lab, Value) {
         std::fs::create_dir_all("/run/godwit").expect("creating /run/godwit");
         let f = std::fs::OpenOptions::new()
             .create(true)
@@ -77,10 +83,10 @@ impl Lab {
         assert_eq!(rc, 0, "locking {LAB_LOCK}");
         let _ = godwit(&["lab", "down"]);
         ok(&["--json", "image", "build"]);
-        ok(&[
-            "--json", "lab", "up", "--sites", "2", "--delay", delay, "--rate", rate,
-        ]);
-        Lab(f)
+        let mut args = vec!["--json", "lab", "up", "--delay", delay, "--rate", rate];
+        args.extend_from_slice(flags);
+        let st = last_data(&ok(&args), "lab");
+        (Lab(f), st)
     }
 }
 
@@ -638,4 +644,100 @@ fn test_network_continuity() {
     for site in ["a", "b"] {
         assert_eq!(location(site, &mac), ("a".to_owned(), 2), "at {site}");
     }
+}
+
+/// Runs a program in a lab site's network namespace; returns its stdout.
+fn in_site(lab: &Value, site: &str, argv: &[&str]) -> std::process::Output {
+    let netns = lab["sites"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["name"] == site))
+        .and_then(|s| s["netns"].as_str())
+        .unwrap_or_else(|| panic!("no site {site} in {lab}"))
+        .to_owned();
+    Command::new("ip")
+        .args(["netns", "exec", &netns])
+        .args(argv)
+        .output()
+        .expect("running ip netns exec")
+}
+
+/// Deliverable 2's plain VXLAN mode: a host with no agent, only a Linux
+/// `vxlan` device, reaches a guest on the overlay, before and after the
+/// guest migrates to another site.
+#[test]
+fn test_kernel_vxlan_peer() {
+    let _g = LAB.lock().unwrap_or_else(|p| p.into_inner());
+    let (_lab, lab) = Lab::up_with("10ms", "100mbit", &["--sites", "3", "--kernel-vxlan", "c"]);
+    let added = in_site(
+        &lab,
+        "c",
+        &["ip", "addr", "add", "10.9.0.3/24", "dev", "vx0"],
+    );
+    assert!(added.status.success(), "{added:?}");
+    ok(&[
+        "--json",
+        "--site",
+        "a",
+        "vm",
+        "create",
+        "mover",
+        "--ip",
+        "10.9.0.1/24",
+        "--wait",
+    ]);
+    let served = guest(
+        "a",
+        "mover",
+        json!({"cmd": "tcp_echo_serve", "bind": "0.0.0.0:7000"}),
+    );
+    assert_eq!(served["report"], "ack", "{served}");
+    // The static guest tool runs on the host too (scripts/test builds it).
+    let tool = std::env::var("GODWIT_GUEST_BIN").expect("GODWIT_GUEST_BIN (set by scripts/test)");
+    let ping = |when: &str| {
+        // A TCP echo exchange from the kernel side: ARP, learning on both
+        // sides and the connection all have to work.
+        let out = in_site(
+            &lab,
+            "c",
+            &[
+                &tool,
+                "tcp-echo-client",
+                "--dest",
+                "10.9.0.1:7000",
+                "--interval-ms",
+                "100",
+                "--duration",
+                "4",
+            ],
+        );
+        // Each line is a protocol frame: a "GW1 " prefix, then the report.
+        let last = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(&l[l.find('{')?..]).ok())
+            .next_back()
+            .unwrap_or_default();
+        eprintln!("kernel vxlan peer, {when}: {last}");
+        assert!(
+            last["echoed"].as_u64().unwrap_or(0) > 5 && last["resets"] == 0,
+            "no TCP echo from the guest {when}: {last} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ping("guest at a");
+    let m = last_data(
+        &ok(&["--json", "--site", "a", "migrate", "mover", "--to", "b"]),
+        "summary",
+    );
+    assert_eq!(m["phase"], "completed", "{m}");
+    ping("guest moved to b");
+    let st = last_data(&ok(&["--json", "--site", "b", "status"]), "status");
+    let vx = &st["network"]["vxlan"];
+    assert!(
+        vx["sent"].as_u64().unwrap_or(0) > 0,
+        "no VXLAN sent from b: {st}"
+    );
+    assert!(
+        vx["received"].as_u64().unwrap_or(0) > 0,
+        "no VXLAN received at b: {st}"
+    );
 }

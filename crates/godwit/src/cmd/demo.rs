@@ -56,6 +56,7 @@ pub async fn run(c: DemoCmd, out: Out) -> Result<()> {
         jitter: std::time::Duration::ZERO,
         queue: None,
         accel: godwit_qemu::Accel::Tcg,
+        kernel_vxlan: Vec::new(),
     };
     labenv::up(&up.spec(), up.accel).await?;
     let result = demo(&c, out).await;

@@ -73,6 +73,10 @@ pub struct UpArgs {
     /// Accelerator of the lab's agents.
     #[arg(long, default_value = "tcg", value_parser = crate::cmd::agent::parse_accel)]
     pub accel: godwit_qemu::Accel,
+    /// Sites that run no agent but a Linux `vxlan` device (vx0) that the
+    /// agents have as a plain-VXLAN peer, e.g. `--kernel-vxlan c`.
+    #[arg(long, value_delimiter = ',')]
+    pub kernel_vxlan: Vec<String>,
 }
 
 impl UpArgs {
@@ -171,7 +175,7 @@ pub async fn run(c: LabCmd, out: Out) -> Result<()> {
             if a.loss < 0.0 || a.loss > 100.0 {
                 bail!("--loss is a percentage between 0 and 100");
             }
-            let st = labenv::up(&a.spec(), a.accel).await?;
+            let st = labenv::up_with(&a.spec(), a.accel, &a.kernel_vxlan).await?;
             out.result("lab", &st, || {
                 let mut s = format!(
                     "lab up: {} sites, {:?} one-way, {} Mbit/s, {}% loss\n",
@@ -181,6 +185,16 @@ pub async fn run(c: LabCmd, out: Out) -> Result<()> {
                     a.loss
                 );
                 for site in &st.sites {
+                    if a.kernel_vxlan.contains(&site.name) {
+                        s.push_str(&format!(
+                            "  site {}  {}  netns {}  no agent: kernel vxlan device {}\n",
+                            site.name,
+                            site.addr,
+                            site.netns,
+                            labenv::KERNEL_VXLAN_DEV
+                        ));
+                        continue;
+                    }
                     s.push_str(&format!(
                         "  site {}  {}  netns {}  agent: godwit --site {} status\n",
                         site.name, site.addr, site.netns, site.name
