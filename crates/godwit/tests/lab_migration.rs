@@ -526,6 +526,27 @@ fn test_same_host_handover() {
     let _ = std::fs::remove_file(&disk);
 }
 
+/// Boots the test guest at `site` with a NIC on the overlay and eth0 at
+/// `ip`; returns its VM info.
+fn boot_on_overlay(site: &str, vm: &str, ip: &str) -> Value {
+    last_data(
+        &ok(&[
+            "--json", "--site", site, "vm", "create", vm, "--ip", ip, "--wait",
+        ]),
+        "vm",
+    )
+}
+
+/// Starts a TCP echo server on port 7000 in the guest.
+fn serve_echo(site: &str, vm: &str) {
+    let served = guest(
+        site,
+        vm,
+        json!({"cmd": "tcp_echo_serve", "bind": "0.0.0.0:7000"}),
+    );
+    assert_eq!(served["report"], "ack", "{served}");
+}
+
 /// The location of `mac` in `site`'s registry: (host, sequence number).
 fn location(site: &str, mac: &str) -> (String, u64) {
     let st = last_data(&ok(&["--json", "--site", site, "status"]), "status");
@@ -556,41 +577,13 @@ fn probe(site: &'static str, vm: &'static str, cmd: Value) -> std::thread::JoinH
 fn test_network_continuity() {
     let _g = LAB.lock().unwrap_or_else(|p| p.into_inner());
     let _lab = Lab::up("25ms", "100mbit");
-    let mover = last_data(
-        &ok(&[
-            "--json",
-            "--site",
-            "a",
-            "vm",
-            "create",
-            "mover",
-            "--ip",
-            "10.9.0.1/24",
-            "--wait",
-        ]),
-        "vm",
-    );
-    ok(&[
-        "--json",
-        "--site",
-        "b",
-        "vm",
-        "create",
-        "peer",
-        "--ip",
-        "10.9.0.2/24",
-        "--wait",
-    ]);
+    let mover = boot_on_overlay("a", "mover", "10.9.0.1/24");
+    boot_on_overlay("b", "peer", "10.9.0.2/24");
     let mac = mover["spec"]["nic"]["mac"]
         .as_str()
         .unwrap_or_else(|| panic!("--ip gives the VM a NIC: {mover}"))
         .to_owned();
-    let served = guest(
-        "a",
-        "mover",
-        json!({"cmd": "tcp_echo_serve", "bind": "0.0.0.0:7000"}),
-    );
-    assert_eq!(served["report"], "ack", "{served}");
+    serve_echo("a", "mover");
     let recv = probe(
         "b",
         "peer",
@@ -674,23 +667,8 @@ fn test_kernel_vxlan_peer() {
         &["ip", "addr", "add", "10.9.0.3/24", "dev", "vx0"],
     );
     assert!(added.status.success(), "{added:?}");
-    ok(&[
-        "--json",
-        "--site",
-        "a",
-        "vm",
-        "create",
-        "mover",
-        "--ip",
-        "10.9.0.1/24",
-        "--wait",
-    ]);
-    let served = guest(
-        "a",
-        "mover",
-        json!({"cmd": "tcp_echo_serve", "bind": "0.0.0.0:7000"}),
-    );
-    assert_eq!(served["report"], "ack", "{served}");
+    boot_on_overlay("a", "mover", "10.9.0.1/24");
+    serve_echo("a", "mover");
     // The static guest tool runs on the host too (scripts/test builds it).
     let tool = std::env::var("GODWIT_GUEST_BIN").expect("GODWIT_GUEST_BIN (set by scripts/test)");
     let ping = |when: &str| {
