@@ -482,8 +482,6 @@ impl Drop for AbortOnDrop {
 
 #[derive(Debug)]
 struct PortIo {
-    /// Where the port's QEMU listens.
-    path: PathBuf,
     /// The [`dial_loop`] task; the connection's tasks end with it.
     _dialer: AbortOnDrop,
     conn: Option<(u64, mpsc::Sender<Bytes>)>,
@@ -605,12 +603,8 @@ impl OverlaySwitch {
                         if io.conn.take().is_some() {
                             let _ = self.events.send(OverlayEvent::PortDisconnected { port });
                         }
-                        io._dialer = AbortOnDrop(tokio::spawn(dial_loop(
-                            port,
-                            path.clone(),
-                            self.input_tx.clone(),
-                        )));
-                        io.path = path;
+                        io._dialer =
+                            AbortOnDrop(tokio::spawn(dial_loop(port, path, self.input_tx.clone())));
                         Ok(())
                     }
                     None => Err(OverlayError::NoPort(port)),
@@ -687,11 +681,10 @@ impl OverlaySwitch {
         }
         self.switch.add_port(port, cfg, state)?;
         info!(%port, mac = %cfg.mac, vni = %cfg.vni, ?state, path = %path.display(), "stream port added");
-        let dialer = tokio::spawn(dial_loop(port, path.clone(), self.input_tx.clone()));
+        let dialer = tokio::spawn(dial_loop(port, path, self.input_tx.clone()));
         self.ports.insert(
             port,
             PortIo {
-                path,
                 _dialer: AbortOnDrop(dialer),
                 conn: None,
             },

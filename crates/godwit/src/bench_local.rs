@@ -13,6 +13,7 @@ use godwit_agent::api::types::{MigrationInfo, MigrationPhase, StartMigration};
 use godwit_agent::client::ApiClient;
 use serde_json::{json, Value};
 
+use crate::bench::median;
 use crate::labenv;
 use crate::output::Out;
 use crate::scenario;
@@ -171,10 +172,6 @@ async fn series(
     Ok(r)
 }
 
-fn median(v: Vec<f64>) -> Option<f64> {
-    crate::bench::median(&v)
-}
-
 fn max(v: &[f64]) -> Option<f64> {
     v.iter().copied().reduce(f64::max)
 }
@@ -190,16 +187,16 @@ fn row(copy: bool, mib: u64, dirty: u64, s: &[Sample], failed: &[String], errors
         "failed": failed.len(),
         "first_failure": failed.first(),
         "memory_errors": errors,
-        "total_ms": median(col(|x| Some(x.total_ms))),
+        "total_ms": median(&col(|x| Some(x.total_ms))),
         "total_max_ms": max(&col(|x| Some(x.total_ms))),
-        "launch_ms": median(col(|x| Some(x.launch_ms))),
-        "transfer_ms": median(col(|x| Some(x.transfer_ms))),
-        "pause_ms": median(pause.clone()),
+        "launch_ms": median(&col(|x| Some(x.launch_ms))),
+        "transfer_ms": median(&col(|x| Some(x.transfer_ms))),
+        "pause_ms": median(&pause.clone()),
         "pause_max_ms": max(&pause),
-        "stop_to_resume_ms": median(col(|x| x.stop_to_resume_ms)),
-        "qemu_downtime_ms": median(col(|x| x.qemu_downtime_ms)),
-        "guest_ping_interval_ms": median(col(|x| x.guest_ping_interval_ms)),
-        "cpu_s": median(col(|x| x.cpu_s)),
-        "stream_bytes": median(col(|x| Some(x.stream_bytes))),
+        "stop_to_resume_ms": median(&col(|x| x.stop_to_resume_ms)),
+        "qemu_downtime_ms": median(&col(|x| x.qemu_downtime_ms)),
+        "guest_ping_interval_ms": median(&col(|x| x.guest_ping_interval_ms)),
+        "cpu_s": median(&col(|x| x.cpu_s)),
+        "stream_bytes": median(&col(|x| Some(x.stream_bytes))),
     })
 }
