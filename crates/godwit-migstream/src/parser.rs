@@ -520,6 +520,11 @@ impl StreamParser {
                 if addr & (PAGE_SIZE as u64 - 1) != 0 {
                     return Step::Unknown(format!("page offset {addr:#x} not page aligned"));
                 }
+                // Past any real block (2^52 bytes), and past what the
+                // relay's codec carries: relay the rest raw.
+                if addr / PAGE_SIZE as u64 >= crate::ops::MAX_PAGE_INDEX {
+                    return Step::Unknown(format!("page offset {addr:#x} beyond 2^52"));
+                }
                 let mut at = 8;
                 let block = if cont {
                     match self.last_block {
@@ -530,6 +535,11 @@ impl StreamParser {
                     let Some(&l) = b.get(8) else {
                         return Step::NeedMore;
                     };
+                    // QEMU never names a block "" (and the relay's codec
+                    // could not carry one): stop understanding here.
+                    if l == 0 {
+                        return Step::Unknown("empty block name in a page record".into());
+                    }
                     let l = l as usize;
                     if b.len() < 9 + l {
                         return Step::NeedMore;

@@ -210,6 +210,57 @@ fn unknown_construct_falls_back_and_stays_exact() {
 }
 
 #[test]
+fn page_record_with_empty_block_name_falls_back() {
+    // Found by the migstream_parser fuzz target: a page record naming the
+    // block "" used to register it, and the relay's codec then refused to
+    // carry that block, failing the migration instead of relaying raw.
+    let mut stream = sample_stream();
+    let at = stream
+        .windows(4)
+        .position(|w| w == [0x02, 0, 0, 0])
+        .unwrap()
+        + 5;
+    let mut bad = Vec::new();
+    bad.put_u64(0x008); // RAM_SAVE_FLAG_PAGE at offset 0, no CONTINUE
+    bad.put_u8(0); // idstr length 0
+    bad.extend_from_slice(&[7; 4096]);
+    stream.splice(at..at, bad);
+    let mut p = StreamParser::new(QemuFormat::default());
+    p.push(&stream);
+    while p.next_event().is_some() {}
+    let f = p.fallback().expect("a fallback");
+    assert_eq!(f.at, at as u64);
+    assert!(f.reason.contains("empty block name"), "{}", f.reason);
+    run(&stream, &[100, 1000], MemStore::default(), None);
+}
+
+#[test]
+fn page_offset_past_2_pow_52_falls_back() {
+    // Found by the migstream_parser fuzz target: a block first named by a
+    // page record has no known length, and an offset near 2^64 made the
+    // codec emit a page index its own decoder refuses.
+    let mut stream = sample_stream();
+    let at = stream
+        .windows(4)
+        .position(|w| w == [0x02, 0, 0, 0])
+        .unwrap()
+        + 5;
+    let mut bad = Vec::new();
+    bad.put_u64(0xffff_ffff_ffff_f000 | 0x002); // RAM_SAVE_FLAG_ZERO
+    bad.put_u8(3);
+    bad.extend_from_slice(b"new");
+    bad.put_u8(0);
+    stream.splice(at..at, bad);
+    let mut p = StreamParser::new(QemuFormat::default());
+    p.push(&stream);
+    while p.next_event().is_some() {}
+    let f = p.fallback().expect("a fallback");
+    assert_eq!(f.at, at as u64);
+    assert!(f.reason.contains("beyond 2^52"), "{}", f.reason);
+    run(&stream, &[100, 1000], MemStore::default(), None);
+}
+
+#[test]
 fn not_a_qemu_stream_is_relayed_raw() {
     let junk: Vec<u8> = (0..100_000u32).map(|i| (i % 7) as u8).collect();
     run(&junk, &[3000], MemStore::default(), None);
