@@ -239,11 +239,20 @@ pub struct NetworkSection {
     pub enabled: bool,
     /// The network (VXLAN network identifier, 24 bits) guest NICs join.
     pub vni: u32,
-    /// Addresses of the distributed gateway, answered with the same MAC at
-    /// every site. Empty: no gateway.
-    pub gateway_ips: Vec<std::net::IpAddr>,
+    /// Addresses of the distributed gateway, `ADDR/PREFIX` (a bare
+    /// address is a host prefix), answered with the same MAC at every
+    /// site. Empty: no gateway.
+    pub gateway_ips: Vec<GatewayAddr>,
     /// The gateway's MAC; default [`DEFAULT_GATEWAY_MAC`].
     pub gateway_mac: Option<godwit_overlay::MacAddr>,
+    /// Route guest traffic out of the overlay through this host: the
+    /// agent creates `router_device`, a TAP device with the gateway's MAC
+    /// and addresses, and the host kernel forwards (it needs
+    /// `net.ipv4.ip_forward=1`). Off: the gateway only answers ARP/ND.
+    /// Unused without `gateway_ips`.
+    pub router: bool,
+    /// The router's device name; default [`DEFAULT_ROUTER_DEVICE`].
+    pub router_device: String,
     /// Hosts that run no agent but a Linux `vxlan` device: frames to and
     /// from them travel as plain VXLAN (RFC 7348, UDP, neither encrypted
     /// nor authenticated beyond the source address), and their guests'
@@ -271,6 +280,64 @@ pub struct VxlanPeer {
 pub const DEFAULT_GATEWAY_MAC: godwit_overlay::MacAddr =
     godwit_overlay::MacAddr([0x02, 0x67, 0x64, 0x77, 0x00, 0x01]);
 
+/// The gateway router's TAP device unless `[network] router_device` says
+/// otherwise.
+pub const DEFAULT_ROUTER_DEVICE: &str = "godwit-gw0";
+
+/// A distributed gateway address with the prefix length of the subnet it
+/// serves (`[network] gateway_ips` entries, written `ADDR/PREFIX`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct GatewayAddr {
+    /// The address.
+    pub addr: std::net::IpAddr,
+    /// Prefix length of the guest subnet.
+    pub prefix: u8,
+}
+
+impl std::str::FromStr for GatewayAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, p) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: std::net::IpAddr = a
+            .parse()
+            .map_err(|_| format!("gateway address {s:?}: expected ADDR/PREFIX"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match p {
+            None => max,
+            Some(p) => match p.parse::<u8>() {
+                Ok(n) if n <= max => n,
+                _ => return Err(format!("gateway address {s:?}: prefix must be 0 to {max}")),
+            },
+        };
+        Ok(GatewayAddr { addr, prefix })
+    }
+}
+
+impl TryFrom<String> for GatewayAddr {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<GatewayAddr> for String {
+    fn from(g: GatewayAddr) -> String {
+        g.to_string()
+    }
+}
+
+impl std::fmt::Display for GatewayAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
 /// The network guest NICs join unless `[network] vni` says otherwise.
 pub const DEFAULT_VNI: u32 = 1;
 
@@ -285,6 +352,8 @@ impl Default for NetworkSection {
             vni: DEFAULT_VNI,
             gateway_ips: Vec::new(),
             gateway_mac: None,
+            router: true,
+            router_device: DEFAULT_ROUTER_DEVICE.to_owned(),
             vxlan_peers: Vec::new(),
             vxlan_listen: None,
         }
@@ -308,8 +377,8 @@ impl NetworkSection {
             mac: self.gateway_mac.unwrap_or(DEFAULT_GATEWAY_MAC),
             ..Default::default()
         };
-        for ip in &self.gateway_ips {
-            match ip {
+        for g in &self.gateway_ips {
+            match &g.addr {
                 std::net::IpAddr::V4(a) => gw.ipv4.push(*a),
                 std::net::IpAddr::V6(a) => gw.ipv6.push(*a),
             }
@@ -436,6 +505,13 @@ impl AgentConfig {
                 })?;
         }
         self.network.vni()?;
+        let dev = &self.network.router_device;
+        if dev.is_empty() || dev.len() >= godwit_tun::IFNAMSIZ || dev.contains(['/', ' ']) {
+            return Err(ConfigError::Invalid(format!(
+                "network.router_device {dev:?} is not an interface name (1 to {} bytes)",
+                godwit_tun::IFNAMSIZ - 1
+            )));
+        }
         let mut vxlan_names = std::collections::HashSet::new();
         for p in &self.network.vxlan_peers {
             if p.name.is_empty()
@@ -613,6 +689,25 @@ mod tests {
         assert_eq!(c.migration.downtime_limit_ms, 300);
         assert_eq!(c.api_socket, PathBuf::from(DEFAULT_API_SOCKET));
         assert_eq!(c.qemu.accel, godwit_qemu::Accel::Tcg);
+    }
+
+    #[test]
+    fn gateway_addresses_carry_their_prefix() {
+        let n: NetworkSection =
+            toml::from_str(r#"gateway_ips = ["10.99.0.1/24", "fd00::1/64", "192.0.2.1"]"#).unwrap();
+        let p: Vec<String> = n.gateway_ips.iter().map(|g| g.to_string()).collect();
+        assert_eq!(p, ["10.99.0.1/24", "fd00::1/64", "192.0.2.1/32"]);
+        assert!(n.router);
+        assert_eq!(n.router_device, DEFAULT_ROUTER_DEVICE);
+        let gw = n.gateway().unwrap();
+        assert_eq!((gw.ipv4.len(), gw.ipv6.len()), (2, 1));
+        for bad in ["10.99.0.1/33", "fd00::1/129", "10.99.0.1/", "gw/24"] {
+            let r: Result<NetworkSection, _> = toml::from_str(&format!("gateway_ips = [{bad:?}]"));
+            assert!(r.is_err(), "{bad}");
+        }
+        let mut c = sample();
+        c.network.router_device = "a-name-too-long-x".into();
+        assert!(c.validate().is_err());
     }
 
     #[test]

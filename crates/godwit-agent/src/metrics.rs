@@ -286,6 +286,23 @@ impl Metrics {
                 ]
                 .map(|(k, v)| (vec![("what", k.to_string())], v)),
             );
+            if let Some(r) = &n.router {
+                family(
+                    &mut o,
+                    agent,
+                    "network_routed_total",
+                    "counter",
+                    "Frames through the distributed gateway's host side, and drops.",
+                    [
+                        ("to_host", r.to_host),
+                        ("from_host", r.from_host),
+                        ("other_network", r.other_network),
+                        ("sink_full", r.sink_full),
+                        ("write_errors", r.write_errors),
+                    ]
+                    .map(|(k, v)| (vec![("what", k.to_string())], v)),
+                );
+            }
         }
         family(
             &mut o,

@@ -44,6 +44,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use godwit_overlay::datagram::{self, DatagramHeader, DATAGRAM_HEADER_LEN};
+use godwit_overlay::router::{RouterConfig, RouterStats, TapRouter};
 use godwit_overlay::{
     Delivery, HostId, MacAddr, OverlayError, OverlayEvent, OverlayHandle, OverlayStatus,
     OverlaySwitch, PortConfig, PortId, PortState, RegistryUpdate, RemoteTransport, Vni,
@@ -209,6 +210,9 @@ pub struct NetworkStatus {
     /// The VXLAN transport to hosts without an agent, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vxlan: Option<VxlanStats>,
+    /// The gateway router, if this agent routes out of the overlay.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub router: Option<RouterStats>,
 }
 
 enum LinkMsg {
@@ -242,6 +246,8 @@ pub struct Network {
     events: broadcast::Sender<OverlayEvent>,
     /// The VXLAN transport, for its counters.
     vxlan: Option<Arc<VxlanTransport>>,
+    /// The gateway's host side; dropping it removes the device.
+    router: Option<TapRouter>,
 }
 
 impl std::fmt::Debug for Network {
@@ -302,9 +308,20 @@ impl Network {
         for p in &cfg.vxlan_peers {
             handle.add_remote(vni, HostId::new(&p.name)).await?;
         }
+        let mut router = None;
         if let Some(gw) = cfg.gateway() {
             // Only fails once the driver stopped, which it has not.
-            let _ = handle.set_gateway(vni, Some(gw)).await;
+            let _ = handle.set_gateway(vni, Some(gw.clone())).await;
+            if cfg.router {
+                let rc = RouterConfig {
+                    device: cfg.router_device.clone(),
+                    vni,
+                    mac: gw.mac,
+                    addrs: cfg.gateway_ips.iter().map(|g| (g.addr, g.prefix)).collect(),
+                    mtu: RECOMMENDED_GUEST_MTU as u32,
+                };
+                router = Some(TapRouter::start(rc, outputs.routed, handle.route_sink()).await?);
+            }
         }
         let sink = handle.remote_sink();
         let rx_stats = stats.clone();
@@ -341,6 +358,7 @@ impl Network {
             switched: switched.clone(),
             events: events.clone(),
             vxlan,
+            router,
         });
         tokio::spawn(
             dispatch(handle, outputs.events, links_rx, events, linked, switched)
@@ -501,6 +519,7 @@ impl Network {
             overlay,
             datagrams: self.stats.snapshot(),
             vxlan: self.vxlan.as_ref().map(|v| v.stats()),
+            router: self.router.as_ref().map(|r| r.stats()),
         })
     }
 

@@ -31,7 +31,6 @@ pub mod link;
 pub mod netns;
 pub mod probe;
 pub mod topology;
-mod tun;
 pub mod wan;
 
 use std::net::Ipv4Addr;

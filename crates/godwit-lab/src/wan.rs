@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::link::{Link, LinkParams, LinkParamsUpdate, LinkSnapshot};
-use crate::{netns, tun, LabError, SiteInfo};
+use crate::{netns, LabError, SiteInfo};
 
 /// Name of the TUN device in every site.
 pub const TUN_NAME: &str = "wan0";
@@ -210,8 +210,10 @@ pub fn daemon_main(args: &[String]) -> Result<(), LabError> {
 pub fn run(config: WanConfig) -> Result<(), LabError> {
     let mut fds = Vec::with_capacity(config.sites.len());
     for site in &config.sites {
-        let fd = netns::run_in(&site.netns, || tun::open_tun(TUN_NAME))?
-            .map_err(|e| LabError::io(format!("create {TUN_NAME} in {}", site.netns), e))?;
+        let fd = netns::run_in(&site.netns, || {
+            godwit_tun::open(TUN_NAME, godwit_tun::Mode::Tun)
+        })?
+        .map_err(|e| LabError::io(format!("create {TUN_NAME} in {}", site.netns), e))?;
         fds.push(fd);
         configure_tun(site)?;
     }

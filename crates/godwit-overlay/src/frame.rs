@@ -332,6 +332,20 @@ impl<'a> EthernetFrame<'a> {
         NdMessage::parse(ipv6_at(p, 8), ipv6_at(p, 24), p[7], icmp).map(Some)
     }
 
+    /// Whether this is an ARP reply or a Neighbour Advertisement.
+    pub fn is_neighbour_answer(&self) -> bool {
+        if let Ok(Some(arp)) = self.arp() {
+            return arp.op == ArpOp::Reply;
+        }
+        matches!(
+            self.neighbour(),
+            Ok(Some(NdMessage {
+                kind: NdKind::Advertisement { .. },
+                ..
+            }))
+        )
+    }
+
     /// The IP address this frame proves its sender owns, as EVPN learns
     /// MAC/IP bindings: the sender of an ARP request or reply (not a probe
     /// with sender 0.0.0.0, and only if the ARP sender is the frame's source),

@@ -31,12 +31,16 @@
 //! - [`dedup`]: why no frame is delivered twice across a switchover.
 //! - [`shell`] (feature `tokio`): [`OverlaySwitch`], the driver task, its
 //!   QEMU stream ports, the [`RemoteTransport`] trait and [`VxlanTransport`].
+//! - [`router`] (feature `tokio`): [`router::TapRouter`], the host side of
+//!   the distributed gateway (a TAP device into this host's kernel).
 #![warn(missing_docs)]
 
 pub mod datagram;
 pub mod dedup;
 pub mod frame;
 pub mod registry;
+#[cfg(feature = "tokio")]
+pub mod router;
 #[cfg(feature = "tokio")]
 pub mod shell;
 pub mod stream;
@@ -50,8 +54,8 @@ pub use registry::{
 #[cfg(feature = "tokio")]
 pub use shell::{
     OverlayError, OverlayEvent, OverlayHandle, OverlayOutputs, OverlayStatus, OverlaySwitch,
-    RemoteSink, RemoteTransport, RoutedFrame, ShellStats, VxlanConfig, VxlanReceiver, VxlanStats,
-    VxlanTransport,
+    RemoteSink, RemoteTransport, RouteSink, RoutedFrame, ShellStats, VxlanConfig, VxlanReceiver,
+    VxlanStats, VxlanTransport,
 };
 pub use stream::{StreamCodec, StreamDecoder, StreamError, MAX_STREAM_FRAME_LEN};
 pub use switch::{

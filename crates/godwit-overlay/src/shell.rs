@@ -121,6 +121,17 @@ pub enum OverlayError {
         #[source]
         source: io::Error,
     },
+    /// The gateway router's device could not be set up.
+    #[error("gateway router {device}: {what}")]
+    Router {
+        /// The TAP device.
+        device: String,
+        /// The step that failed.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
     /// Too many source sockets were asked for.
     #[error("{0} VXLAN source sockets requested, at most {MAX_SOURCE_SOCKETS} allowed")]
     TooManySourceSockets(usize),
@@ -276,6 +287,10 @@ enum Input {
         ack: u64,
         frame: Bytes,
     },
+    Routed {
+        vni: Vni,
+        frame: Bytes,
+    },
     Connected {
         port: PortId,
         conn: u64,
@@ -422,6 +437,14 @@ impl OverlayHandle {
         }
     }
 
+    /// The entry point for frames from the router (the host side of the
+    /// distributed gateway).
+    pub fn route_sink(&self) -> RouteSink {
+        RouteSink {
+            input: self.input.clone(),
+        }
+    }
+
     async fn tell(&self, c: Command) -> Result<(), OverlayError> {
         self.cmd.send(c).await.map_err(|_| OverlayError::Stopped)
     }
@@ -455,19 +478,40 @@ impl RemoteSink {
         ack: u64,
         frame: Bytes,
     ) -> Result<(), OverlayError> {
-        self.input
-            .try_send(Input::Remote {
+        try_input(
+            &self.input,
+            Input::Remote {
                 from,
                 vni,
                 delivery,
                 ack,
                 frame,
-            })
-            .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => OverlayError::Backlogged,
-                mpsc::error::TrySendError::Closed(_) => OverlayError::Stopped,
-            })
+            },
+        )
     }
+}
+
+/// Where the router puts frames it sends into a network (from the gateway
+/// MAC to guests, and its neighbour requests).
+#[derive(Debug, Clone)]
+pub struct RouteSink {
+    input: mpsc::Sender<Input>,
+}
+
+impl RouteSink {
+    /// Queues a frame the router sends into `vni`. Never waits:
+    /// [`OverlayError::Backlogged`] means the frame was dropped.
+    pub fn route_in(&self, vni: Vni, frame: Bytes) -> Result<(), OverlayError> {
+        try_input(&self.input, Input::Routed { vni, frame })
+    }
+}
+
+/// Queues a datagram-like input without waiting.
+fn try_input(input: &mpsc::Sender<Input>, i: Input) -> Result<(), OverlayError> {
+    input.try_send(i).map_err(|e| match e {
+        mpsc::error::TrySendError::Full(_) => OverlayError::Backlogged,
+        mpsc::error::TrySendError::Closed(_) => OverlayError::Stopped,
+    })
 }
 
 /// Aborts the task when dropped, so a port's tasks never outlive it.
@@ -708,6 +752,10 @@ impl OverlaySwitch {
                 let actions = self
                     .switch
                     .handle_remote_frame(&from, vni, delivery, ack, frame);
+                self.execute(actions);
+            }
+            Input::Routed { vni, frame } => {
+                let actions = self.switch.handle_route_in(vni, frame);
                 self.execute(actions);
             }
             Input::Connected { port, conn, tx } => {

@@ -793,6 +793,14 @@ impl Switch {
         }
         if gw_mac == Some(eth.dst()) {
             self.stats.routed_out += 1;
+            // A guest answering a router's neighbour request: the request
+            // may have come from any site's router (the same MAC at every
+            // site), so every site's router gets the answer. Only the
+            // kernel that asked takes it; without this it would wait for
+            // its next retry, when the registry has learnt the address.
+            if eth.is_neighbour_answer() {
+                self.send_to_all_sites(vni, frame.clone(), &mut out);
+            }
             out.push(Action::RouteOut { vni, frame });
             return out;
         }
@@ -862,6 +870,20 @@ impl Switch {
             self.drop_frame(DropReason::Malformed, &mut out);
             return out;
         };
+        // The host kernel behind the router resolves guests like any
+        // neighbour. A guest at another site would answer to its own
+        // site's gateway (the same MAC everywhere), so the kernel that
+        // asked would never hear back: answer from the registry, which
+        // knows every guest's addresses.
+        if let Some(reply) = self.answer_from_registry(vni, &eth) {
+            self.stats.arp_suppressed += 1;
+            self.stats.routed_out += 1;
+            out.push(Action::RouteOut {
+                vni,
+                frame: Bytes::from(reply),
+            });
+            return out;
+        }
         let dst = eth.dst();
         self.forward(Ingress::Router, vni, dst, frame, &mut out);
         out
@@ -1100,6 +1122,11 @@ impl Switch {
         if matches!(ingress, Ingress::Remote { .. }) {
             return;
         }
+        self.send_to_all_sites(vni, frame, out);
+    }
+
+    /// Sends a flooded copy of `frame` to every remote site of `vni`.
+    fn send_to_all_sites(&mut self, vni: Vni, frame: Bytes, out: &mut Vec<Action>) {
         if let Some(sites) = self.remotes.get(&vni) {
             for site in sites {
                 self.stats.sent_remote += 1;
@@ -1209,19 +1236,9 @@ impl Switch {
         eth: &EthernetFrame<'_>,
         out: &mut Vec<Action>,
     ) -> bool {
-        let Ok(Some(arp)) = eth.arp() else {
+        let Some(reply) = self.answer_from_registry(vni, eth) else {
             return false;
         };
-        if arp.op != ArpOp::Request || arp.is_gratuitous() || arp.spa.is_unspecified() {
-            return false;
-        }
-        let Some(mac) = self.registry.lookup_ip(vni, IpAddr::V4(arp.tpa)) else {
-            return false;
-        };
-        if mac == arp.sha {
-            return false;
-        }
-        let reply = arp_reply(mac, arp.tpa, arp.sha, arp.spa, eth.vlan_tci());
         self.stats.arp_suppressed += 1;
         self.stats.delivered += 1;
         out.push(Action::Deliver {
@@ -1229,6 +1246,42 @@ impl Switch {
             frame: Bytes::from(reply),
         });
         true
+    }
+
+    /// The ARP reply or Neighbour Advertisement the owner of the address
+    /// asked for would send, if the registry binds that address to a MAC
+    /// other than the asker's. DAD probes (no source address) are never
+    /// answered: only the owner may object to an address.
+    fn answer_from_registry(&self, vni: Vni, eth: &EthernetFrame<'_>) -> Option<Vec<u8>> {
+        if let Ok(Some(arp)) = eth.arp() {
+            if arp.op != ArpOp::Request || arp.is_gratuitous() || arp.spa.is_unspecified() {
+                return None;
+            }
+            let mac = self.registry.lookup_ip(vni, IpAddr::V4(arp.tpa))?;
+            return (mac != arp.sha)
+                .then(|| arp_reply(mac, arp.tpa, arp.sha, arp.spa, eth.vlan_tci()));
+        }
+        let nd = eth.neighbour().ok()??;
+        if nd.kind != NdKind::Solicitation || nd.source.is_unspecified() {
+            return None;
+        }
+        let mac = self.registry.lookup_ip(vni, IpAddr::V6(nd.target))?;
+        let flags = NaFlags {
+            router: false,
+            solicited: true,
+            override_: true,
+        };
+        (mac != eth.src()).then(|| {
+            neighbour_advertisement(
+                mac,
+                nd.target,
+                eth.src(),
+                nd.source,
+                nd.target,
+                flags,
+                eth.vlan_tci(),
+            )
+        })
     }
 
     /// Emits a registry update for every peer and counts it per peer.
@@ -1266,7 +1319,8 @@ fn fence_port(p: &mut Port, stats: &mut SwitchStats) {
 mod tests {
     use super::*;
     use crate::frame::{
-        arp_request, neighbour_solicitation, push_eth_header, ETHERTYPE_ARP, ETHERTYPE_IPV6,
+        arp_reply, arp_request, neighbour_solicitation, push_eth_header, ETHERTYPE_ARP,
+        ETHERTYPE_IPV6,
     };
 
     const A: MacAddr = MacAddr([0x52, 0x54, 0, 0, 0, 0xa]);
@@ -1755,6 +1809,92 @@ mod tests {
         let arp = EthernetFrame::parse(frame).unwrap().arp().unwrap().unwrap();
         assert_eq!((arp.sha, arp.tha), (B, A));
         assert_eq!(s.stats().arp_suppressed, 1);
+    }
+
+    #[test]
+    fn router_resolves_guests_from_the_registry() {
+        let t = Instant::now();
+        let mut s = switch("h");
+        let gw4: Ipv4Addr = "10.0.0.1".parse().unwrap();
+        let (b4, b6): (Ipv4Addr, Ipv6Addr) =
+            ("10.0.0.11".parse().unwrap(), "fd00::11".parse().unwrap());
+        s.set_gateway(
+            vni(),
+            Some(GatewayConfig {
+                mac: GW,
+                ipv4: vec![gw4],
+                ipv6: vec![],
+            }),
+        );
+        // B's own ARP and NS teach the registry both its addresses.
+        s.handle_local_frame(t, PB, Bytes::from(arp_request(B, b4, gw4, None)));
+        s.handle_local_frame(
+            t,
+            PB,
+            Bytes::from(neighbour_solicitation(
+                B,
+                b6,
+                "fd00::1".parse().unwrap(),
+                None,
+            )),
+        );
+        // The host kernel behind the router asks for B: the switch answers
+        // for B, back to the router, whatever the suppression setting.
+        let out = s.handle_route_in(vni(), Bytes::from(arp_request(GW, gw4, b4, None)));
+        let [Action::RouteOut { frame, .. }] = &out[..] else {
+            panic!("{out:?}")
+        };
+        let e = EthernetFrame::parse(frame).unwrap();
+        let arp = e.arp().unwrap().unwrap();
+        assert_eq!(
+            (e.dst(), arp.op, arp.sha, arp.spa, arp.tha, arp.tpa),
+            (GW, ArpOp::Reply, B, b4, GW, gw4)
+        );
+        let me6: Ipv6Addr = "fd00::1".parse().unwrap();
+        let out = s.handle_route_in(
+            vni(),
+            Bytes::from(neighbour_solicitation(GW, me6, b6, None)),
+        );
+        let [Action::RouteOut { frame, .. }] = &out[..] else {
+            panic!("{out:?}")
+        };
+        let e = EthernetFrame::parse(frame).unwrap();
+        let nd = e.neighbour().unwrap().unwrap();
+        assert_eq!(
+            (e.dst(), nd.destination, nd.target, nd.link_layer),
+            (GW, me6, b6, Some(B))
+        );
+        // An address nobody has claimed is asked for on the whole network.
+        let unknown: Ipv4Addr = "10.0.0.99".parse().unwrap();
+        let out = s.handle_route_in(vni(), Bytes::from(arp_request(GW, gw4, unknown, None)));
+        assert_eq!(delivered(&out), vec![PA, PB]);
+        assert_eq!(remote(&out).len(), 2);
+        // A's answer goes to every site's router: any of them may have
+        // asked.
+        let out = s.handle_local_frame(t, PA, Bytes::from(arp_reply(A, unknown, GW, gw4, None)));
+        assert!(
+            matches!(out.last(), Some(Action::RouteOut { .. })),
+            "{out:?}"
+        );
+        assert_eq!(
+            remote(&out),
+            vec![
+                ("r1".into(), Delivery::Flood),
+                ("r2".into(), Delivery::Flood)
+            ]
+        );
+        // Traffic to the gateway is routed here only.
+        let out = s.handle_local_frame(t, PA, data(GW, A, 9));
+        assert!(matches!(&out[..], [Action::RouteOut { .. }]), "{out:?}");
+        // DAD probes are never answered for the owner.
+        let out = s.handle_route_in(
+            vni(),
+            Bytes::from(neighbour_solicitation(GW, Ipv6Addr::UNSPECIFIED, b6, None)),
+        );
+        assert!(
+            !out.iter().any(|a| matches!(a, Action::RouteOut { .. })),
+            "{out:?}"
+        );
     }
 
     #[test]

@@ -170,12 +170,15 @@ pub async fn run(s: &NetworkSuite, out: Out) -> Result<Vec<Value>> {
             rate_bps: s.rate_bps,
             ..godwit_lab::LabSpec::default()
         };
-        let kernel_sites = if kernel {
-            vec!["c".to_owned()]
-        } else {
-            Vec::new()
+        let net = labenv::LabNetwork {
+            kernel_vxlan: if kernel {
+                vec!["c".to_owned()]
+            } else {
+                Vec::new()
+            },
+            ..Default::default()
         };
-        let st = labenv::up_with(&spec, godwit_qemu::Accel::Tcg, &kernel_sites).await?;
+        let st = labenv::up_with(&spec, godwit_qemu::Accel::Tcg, &net).await?;
         let res = async {
             let peer = if kernel {
                 let c = st

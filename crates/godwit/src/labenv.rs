@@ -40,22 +40,33 @@ pub fn require_lab() -> Result<LabState> {
 
 /// Brings up the topology and one agent per site.
 pub async fn up(spec: &LabSpec, accel: godwit_qemu::Accel) -> Result<LabState> {
-    up_with(spec, accel, &[]).await
+    up_with(spec, accel, &LabNetwork::default()).await
+}
+
+/// How the lab's guest network differs from the agents' defaults.
+#[derive(Debug, Clone, Default)]
+pub struct LabNetwork {
+    /// Sites that run no agent, only a Linux `vxlan` device.
+    pub kernel_vxlan: Vec<String>,
+    /// The distributed gateway every agent runs (`[network] gateway_ips`),
+    /// with its router into the site's namespace.
+    pub gateway: Vec<config::GatewayAddr>,
 }
 
 /// The name of the Linux `vxlan` device on a kernel-VXLAN site.
 pub const KERNEL_VXLAN_DEV: &str = "vx0";
 
-/// [`up`], except that the sites named in `kernel_vxlan` run no agent:
-/// each gets a Linux `vxlan` device ([`KERNEL_VXLAN_DEV`], the agents'
-/// network identifier, flooding to every agent site, learning on), and
-/// every agent has it as a plain-VXLAN peer. Addresses on the device are
-/// the caller's to add.
+/// [`up`] with the guest network of `net`. The sites named in
+/// `kernel_vxlan` run no agent: each gets a Linux `vxlan` device
+/// ([`KERNEL_VXLAN_DEV`], the agents' network identifier, flooding to every
+/// agent site, learning on), and every agent has it as a plain-VXLAN peer.
+/// Addresses on the device are the caller's to add.
 pub async fn up_with(
     spec: &LabSpec,
     accel: godwit_qemu::Accel,
-    kernel_vxlan: &[String],
+    net: &LabNetwork,
 ) -> Result<LabState> {
+    let kernel_vxlan = &net.kernel_vxlan[..];
     let exe = std::env::current_exe().context("locating the godwit binary")?;
     let mut daemon = std::process::Command::new(&exe);
     daemon.args(["lab", "wan-daemon"]);
@@ -68,7 +79,7 @@ pub async fn up_with(
             }
         }
         kernel_vxlan_devices(&st, kernel_vxlan)?;
-        start_agents(&st, &exe, accel, kernel_vxlan).await
+        start_agents(&st, &exe, accel, net).await
     };
     if let Err(e) = started.await {
         let _ = down();
@@ -136,8 +147,9 @@ async fn start_agents(
     st: &LabState,
     exe: &Path,
     accel: godwit_qemu::Accel,
-    kernel_vxlan: &[String],
+    net: &LabNetwork,
 ) -> Result<()> {
+    let kernel_vxlan = &net.kernel_vxlan[..];
     let mut cfgs = Vec::new();
     let mut reports = Vec::new();
     let agent_sites: Vec<_> = st
@@ -177,6 +189,7 @@ async fn start_agents(
                 address: (s.addr, godwit_agent::config::VXLAN_PORT).into(),
             })
             .collect();
+        cfg.network.gateway_ips = net.gateway.clone();
         if !cfg.network.vxlan_peers.is_empty() {
             cfg.network.vxlan_listen = Some((site.addr, godwit_agent::config::VXLAN_PORT).into());
         }

@@ -529,12 +529,16 @@ fn test_same_host_handover() {
 /// Boots the test guest at `site` with a NIC on the overlay and eth0 at
 /// `ip`; returns its VM info.
 fn boot_on_overlay(site: &str, vm: &str, ip: &str) -> Value {
-    last_data(
-        &ok(&[
-            "--json", "--site", site, "vm", "create", vm, "--ip", ip, "--wait",
-        ]),
-        "vm",
-    )
+    boot_on_overlay_with(site, vm, ip, &[])
+}
+
+/// [`boot_on_overlay`] with more `vm create` flags.
+fn boot_on_overlay_with(site: &str, vm: &str, ip: &str, flags: &[&str]) -> Value {
+    let mut args = vec![
+        "--json", "--site", site, "vm", "create", vm, "--ip", ip, "--wait",
+    ];
+    args.extend_from_slice(flags);
+    last_data(&ok(&args), "vm")
 }
 
 /// Starts a TCP echo server on port 7000 in the guest.
@@ -717,5 +721,90 @@ fn test_kernel_vxlan_peer() {
     assert!(
         vx["received"].as_u64().unwrap_or(0) > 0,
         "no VXLAN received at b: {st}"
+    );
+}
+
+/// Deliverable 4, routing out of the overlay: with the distributed gateway
+/// (the same address and MAC at every site, routed by each site's kernel),
+/// a TCP connection between a guest and a host outside the overlay (site
+/// c's own address, in another IP subnet) stays open while the guest moves
+/// a→b and back. The guest's replies leave through the gateway of
+/// whichever site it runs at; c reaches the guest through its own router.
+#[test]
+fn test_routing_out_of_the_overlay() {
+    let _g = LAB.lock().unwrap_or_else(|p| p.into_inner());
+    let (_lab, lab) = Lab::up_with(
+        "25ms",
+        "100mbit",
+        &["--sites", "3", "--gateway", "10.9.0.254/24"],
+    );
+    let tool = std::env::var("GODWIT_GUEST_BIN").expect("GODWIT_GUEST_BIN (set by scripts/test)");
+    boot_on_overlay_with("a", "mover", "10.9.0.1/24", &["--gateway", "10.9.0.254"]);
+    serve_echo("a", "mover");
+    // The client runs on site c's host, not in any guest, and talks from
+    // c's own address (10.77.3.1).
+    let client = {
+        let lab = lab.clone();
+        std::thread::spawn(move || {
+            in_site(
+                &lab,
+                "c",
+                &[
+                    &tool,
+                    "tcp-echo-client",
+                    "--dest",
+                    "10.9.0.1:7000",
+                    "--interval-ms",
+                    "50",
+                    "--duration",
+                    "24",
+                ],
+            )
+        })
+    };
+    std::thread::sleep(Duration::from_secs(4));
+    let routed = |site: &str| {
+        let st = last_data(&ok(&["--json", "--site", site, "status"]), "status");
+        st["network"]["router"]["to_host"].as_u64().unwrap_or(0)
+    };
+    let before = [routed("a"), routed("b")];
+    for (from, to) in [("a", "b"), ("b", "a")] {
+        let m = last_data(
+            &ok(&["--json", "--site", from, "migrate", "mover", "--to", to]),
+            "summary",
+        );
+        assert_eq!(m["phase"], "completed", "{m}");
+        std::thread::sleep(Duration::from_secs(4));
+    }
+    let after = [routed("a"), routed("b")];
+    let out = client.join().expect("TCP client");
+    // Each line is a protocol frame: a "GW1 " prefix, then the report.
+    let tcp = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(&l[l.find('{')?..]).ok())
+        .next_back()
+        .unwrap_or_default();
+    eprintln!("routing out: tcp {tcp}; routed at a, b: {before:?} -> {after:?}");
+    let n = |v: &Value, k: &str| {
+        v[k].as_u64()
+            .unwrap_or_else(|| panic!("no {k} in {v}: {}", String::from_utf8_lossy(&out.stderr)))
+    };
+    assert_eq!(n(&tcp, "connects"), 1, "{tcp}");
+    assert_eq!(n(&tcp, "resets"), 0, "{tcp}");
+    assert_eq!(n(&tcp, "mismatches"), 0, "{tcp}");
+    // One echo per ~100 ms (50 ms round trip plus the interval) for 24 s.
+    assert!(n(&tcp, "echoed") > 150, "{tcp}");
+    // Neither the first contact (c's kernel resolving the guest) nor a
+    // move may stall the connection for long.
+    assert!(n(&tcp, "max_stall_ms") < 3_000, "{tcp}");
+    // The guest's replies left through b's router while it ran at b, and
+    // through a's again once back.
+    assert!(
+        after[1] > before[1],
+        "b routed nothing: {before:?} -> {after:?}"
+    );
+    assert!(
+        after[0] > before[0],
+        "a routed nothing: {before:?} -> {after:?}"
     );
 }

@@ -217,6 +217,13 @@ fn network_lines(n: &Value) -> String {
             p["state"].as_str().unwrap_or("?"),
         ));
     }
+    let r = &n["router"];
+    if let Some(dev) = r["device"].as_str() {
+        s.push_str(&format!(
+            "  gateway router {dev}: {} frames to the host, {} from it\n",
+            r["to_host"], r["from_host"]
+        ));
+    }
     s
 }
 

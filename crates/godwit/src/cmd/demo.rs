@@ -57,6 +57,7 @@ pub async fn run(c: DemoCmd, out: Out) -> Result<()> {
         queue: None,
         accel: godwit_qemu::Accel::Tcg,
         kernel_vxlan: Vec::new(),
+        gateway: Vec::new(),
     };
     labenv::up(&up.spec(), up.accel).await?;
     let result = demo(&c, out).await;

@@ -77,6 +77,11 @@ pub struct UpArgs {
     /// agents have as a plain-VXLAN peer, e.g. `--kernel-vxlan c`.
     #[arg(long, value_delimiter = ',')]
     pub kernel_vxlan: Vec<String>,
+    /// The distributed gateway of every agent, ADDR/PREFIX (repeatable),
+    /// e.g. `--gateway 10.9.0.254/24`: guests with that default route
+    /// reach the sites' host addresses and beyond from wherever they run.
+    #[arg(long)]
+    pub gateway: Vec<godwit_agent::config::GatewayAddr>,
 }
 
 impl UpArgs {
@@ -175,7 +180,11 @@ pub async fn run(c: LabCmd, out: Out) -> Result<()> {
             if a.loss < 0.0 || a.loss > 100.0 {
                 bail!("--loss is a percentage between 0 and 100");
             }
-            let st = labenv::up_with(&a.spec(), a.accel, &a.kernel_vxlan).await?;
+            let net = labenv::LabNetwork {
+                kernel_vxlan: a.kernel_vxlan.clone(),
+                gateway: a.gateway.clone(),
+            };
+            let st = labenv::up_with(&a.spec(), a.accel, &net).await?;
             out.result("lab", &st, || {
                 let mut s = format!(
                     "lab up: {} sites, {:?} one-way, {} Mbit/s, {}% loss\n",
