@@ -10,7 +10,8 @@
 //!   is chunked, and never holds a complete record back;
 //! - a decoded VXLAN packet re-encodes (RFC form: flags 0x08, reserved 0)
 //!   to a packet that decodes to the same VNI and inner frame;
-//! - a decoded QUIC overlay datagram re-encodes to the same bytes;
+//! - a decoded QUIC overlay datagram re-encodes to the same bytes, and a
+//!   frame split into datagrams comes back whole from the reassembler;
 //! - a parsed ARP packet re-encodes to the bytes it came from;
 //! - the switch never delivers a frame back to its ingress port and never
 //!   sends a peer's frame to another peer unless as a single relay.
@@ -115,12 +116,43 @@ fuzz_target!(|data: &[u8]| {
         check_frame(p.inner);
     }
 
-    // 3. The input as a QUIC overlay datagram: a decoded one re-encodes to
-    // the same bytes.
-    if let Ok((h, inner)) = datagram::decode(data) {
-        let mut out = BytesMut::new();
-        datagram::encode(&h, inner, &mut out);
-        assert_eq!(&out[..], data);
+    // 3. The input as a QUIC overlay datagram: a decoded whole frame
+    // re-encodes to the same bytes; a piece goes into a reassembler.
+    let t = Instant::now();
+    if let Ok(d) = datagram::decode(data) {
+        match d.fragment {
+            None => {
+                let mut out = BytesMut::new();
+                datagram::encode(&d.header, d.payload, &mut out);
+                assert_eq!(&out[..], data);
+            }
+            Some(f) => {
+                let mut r = datagram::Reassembler::new();
+                let _ = r.push(t, d.header, f, d.payload);
+            }
+        }
+        // The input as a frame to send: split (datagram size from the
+        // first byte), the pieces come back in reverse order and make the
+        // same frame.
+        if data.len() >= datagram::MIN_FRAME_LEN {
+            let max = datagram::FRAGMENT_HEADER_LEN + 1 + usize::from(data[0]) * 8;
+            if let Ok(parts) = datagram::split(&d.header, data, max, 7) {
+                let mut r = datagram::Reassembler::new();
+                let mut got = None;
+                for p in parts.iter().rev() {
+                    assert!(p.len() <= max);
+                    let q = datagram::decode(p).unwrap_or_else(|e| panic!("own piece refused: {e}"));
+                    got = Some(match q.fragment {
+                        None => datagram::Reassembly::Frame(q.header, Bytes::copy_from_slice(q.payload)),
+                        Some(f) => r.push(t, q.header, f, q.payload),
+                    });
+                }
+                assert_eq!(
+                    got,
+                    Some(datagram::Reassembly::Frame(d.header, Bytes::copy_from_slice(data)))
+                );
+            }
+        }
     }
 
     // 4. The input as a raw frame (TAP, `-netdev dgram`), through the switch.

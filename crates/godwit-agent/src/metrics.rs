@@ -277,12 +277,15 @@ impl Metrics {
                 "Guest frames as QUIC datagrams, and why some were dropped.",
                 [
                     ("tx", d.tx),
+                    ("tx_split", d.tx_split),
                     ("tx_too_big", d.tx_too_big),
                     ("tx_no_connection", d.tx_no_connection),
                     ("tx_errors", d.tx_errors),
                     ("rx", d.rx),
                     ("rx_malformed", d.rx_malformed),
                     ("rx_dropped", d.rx_dropped),
+                    ("rx_reassembled", d.rx_reassembled),
+                    ("rx_reassembly_failed", d.rx_reassembly_failed),
                 ]
                 .map(|(k, v)| (vec![("what", k.to_string())], v)),
             );

@@ -9,9 +9,9 @@
 //! - **Frames** travel as QUIC datagrams on the existing peer connection
 //!   (encrypted and authenticated by its TLS), each with the small header of
 //!   [`godwit_overlay::datagram`]. A frame that does not fit the path's
-//!   datagram size is dropped and counted ([`DatagramStats::tx_too_big`]):
-//!   guests on the overlay should use an MTU of at most
-//!   [`RECOMMENDED_GUEST_MTU`].
+//!   datagram size (about 1 150 bytes before path MTU discovery) is split
+//!   over several datagrams and put back together by the receiving agent,
+//!   so guests keep the usual 1500-byte MTU ([`GUEST_MTU`]).
 //! - **Registry updates** travel on one long-lived bidirectional stream per
 //!   peer pair ([`StreamPurpose::NetworkFrames`]), opened by the agent with
 //!   the smaller name. A stream rather than one `ControlRequest` per update
@@ -38,12 +38,12 @@
 //! transport's (the peer's name comes from its pinned certificate).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use godwit_overlay::datagram::{self, DatagramHeader, DATAGRAM_HEADER_LEN};
+use bytes::Bytes;
+use godwit_overlay::datagram::{self, DatagramHeader};
 use godwit_overlay::router::{RouterConfig, RouterStats, TapRouter};
 use godwit_overlay::{
     Delivery, HostId, MacAddr, OverlayError, OverlayEvent, OverlayHandle, OverlayStatus,
@@ -62,12 +62,11 @@ use crate::relay::{read_first_frame, write_frame};
 use crate::vm::VmHandle;
 use godwit_qemu::NetdevSpec;
 
-/// Guest MTU that always fits a QUIC datagram: quinn starts at a 1200-byte
-/// UDP payload, minus the QUIC short header and AEAD tag (~40 bytes), minus
-/// [`DATAGRAM_HEADER_LEN`] and the 14-byte Ethernet header. Larger frames
-/// pass once path MTU discovery has raised the limit (up to a 1452-byte
-/// UDP payload).
-pub const RECOMMENDED_GUEST_MTU: usize = 1200 - 40 - DATAGRAM_HEADER_LEN - 14;
+/// The MTU guests (and the gateway router's device) use on the overlay:
+/// Ethernet's usual one. Frames that do not fit one QUIC datagram are split
+/// ([`datagram::split`]); bigger MTUs work too, at up to
+/// [`datagram::MAX_FRAGMENTS`] datagrams per frame.
+pub const GUEST_MTU: usize = 1500;
 /// Pause between attempts to (re)open the registry stream to a peer.
 pub const LINK_RETRY: Duration = Duration::from_secs(1);
 /// How often the set of peers is re-read, so peers added with `godwit peer
@@ -96,7 +95,10 @@ pub enum NetworkError {
 pub struct DatagramStats {
     /// Datagrams sent.
     pub tx: AtomicU64,
-    /// Frames dropped: larger than the connection's datagram size.
+    /// Frames sent split over several datagrams.
+    pub tx_split: AtomicU64,
+    /// Frames dropped: too big even split, or no datagrams on the
+    /// connection.
     pub tx_too_big: AtomicU64,
     /// Frames dropped: no live connection to the peer.
     pub tx_no_connection: AtomicU64,
@@ -108,6 +110,11 @@ pub struct DatagramStats {
     pub rx_malformed: AtomicU64,
     /// Datagrams dropped: the switch was behind.
     pub rx_dropped: AtomicU64,
+    /// Split frames put back together.
+    pub rx_reassembled: AtomicU64,
+    /// Split frames given up (a piece lost, late, duplicated or
+    /// inconsistent).
+    pub rx_reassembly_failed: AtomicU64,
 }
 
 /// A snapshot of [`DatagramStats`].
@@ -115,12 +122,15 @@ pub struct DatagramStats {
 #[allow(missing_docs)]
 pub struct DatagramCounts {
     pub tx: u64,
+    pub tx_split: u64,
     pub tx_too_big: u64,
     pub tx_no_connection: u64,
     pub tx_errors: u64,
     pub rx: u64,
     pub rx_malformed: u64,
     pub rx_dropped: u64,
+    pub rx_reassembled: u64,
+    pub rx_reassembly_failed: u64,
 }
 
 impl DatagramStats {
@@ -128,12 +138,15 @@ impl DatagramStats {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         DatagramCounts {
             tx: g(&self.tx),
+            tx_split: g(&self.tx_split),
             tx_too_big: g(&self.tx_too_big),
             tx_no_connection: g(&self.tx_no_connection),
             tx_errors: g(&self.tx_errors),
             rx: g(&self.rx),
             rx_malformed: g(&self.rx_malformed),
             rx_dropped: g(&self.rx_dropped),
+            rx_reassembled: g(&self.rx_reassembled),
+            rx_reassembly_failed: g(&self.rx_reassembly_failed),
         }
     }
 }
@@ -148,6 +161,9 @@ pub fn parse_mac(mac: &str) -> Result<MacAddr, NetworkError> {
 struct QuicDatagrams {
     transport: Transport,
     stats: Arc<DatagramStats>,
+    /// Id of the next frame that may be split (wraps; ids only have to
+    /// differ among the frames a receiver is reassembling at once).
+    next_frame_id: AtomicU16,
 }
 
 impl RemoteTransport for QuicDatagrams {
@@ -159,18 +175,25 @@ impl RemoteTransport for QuicDatagrams {
             return;
         };
         let quic = conn.quic();
-        let len = DATAGRAM_HEADER_LEN + frame.len();
-        if quic.max_datagram_size().is_none_or(|max| len > max) {
+        let Some(max) = quic.max_datagram_size() else {
             self.stats.tx_too_big.fetch_add(1, Ordering::Relaxed);
             return;
-        }
-        let mut buf = BytesMut::with_capacity(len);
-        let h = DatagramHeader { vni, delivery, ack };
-        datagram::encode(&h, &frame, &mut buf);
-        match quic.send_datagram(buf.freeze()) {
-            Ok(()) => self.stats.tx.fetch_add(1, Ordering::Relaxed),
-            Err(_) => self.stats.tx_errors.fetch_add(1, Ordering::Relaxed),
         };
+        let h = DatagramHeader { vni, delivery, ack };
+        let id = self.next_frame_id.fetch_add(1, Ordering::Relaxed);
+        let Ok(datagrams) = datagram::split(&h, &frame, max, id) else {
+            self.stats.tx_too_big.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        if datagrams.len() > 1 {
+            self.stats.tx_split.fetch_add(1, Ordering::Relaxed);
+        }
+        for d in datagrams {
+            match quic.send_datagram(d) {
+                Ok(()) => self.stats.tx.fetch_add(1, Ordering::Relaxed),
+                Err(_) => self.stats.tx_errors.fetch_add(1, Ordering::Relaxed),
+            };
+        }
     }
 }
 
@@ -288,6 +311,7 @@ impl Network {
             quic: QuicDatagrams {
                 transport: peers.transport().clone(),
                 stats: stats.clone(),
+                next_frame_id: AtomicU16::new(0),
             },
             vxlan: vxlan.clone(),
             vxlan_sites: cfg
@@ -318,22 +342,42 @@ impl Network {
                     vni,
                     mac: gw.mac,
                     addrs: cfg.gateway_ips.iter().map(|g| (g.addr, g.prefix)).collect(),
-                    mtu: RECOMMENDED_GUEST_MTU as u32,
+                    mtu: GUEST_MTU as u32,
                 };
                 router = Some(TapRouter::start(rc, outputs.routed, handle.route_sink()).await?);
             }
         }
         let sink = handle.remote_sink();
         let rx_stats = stats.clone();
+        // Split frames in reassembly, per peer.
+        let reassembly: Mutex<HashMap<String, datagram::Reassembler>> = Mutex::default();
         peers
             .transport()
             .on_datagram(Arc::new(move |peer: &str, d: Bytes| {
                 rx_stats.rx.fetch_add(1, Ordering::Relaxed);
-                let Ok((h, frame)) = datagram::decode(&d) else {
+                let Ok(dg) = datagram::decode(&d) else {
                     rx_stats.rx_malformed.fetch_add(1, Ordering::Relaxed);
                     return;
                 };
-                let frame = d.slice_ref(frame);
+                let (h, frame) = match dg.fragment {
+                    None => (dg.header, d.slice_ref(dg.payload)),
+                    Some(frag) => {
+                        let mut all = reassembly.lock().unwrap_or_else(PoisonError::into_inner);
+                        let r = all.entry(peer.to_owned()).or_default();
+                        let failed = r.expired();
+                        let got = r.push(std::time::Instant::now(), dg.header, frag, dg.payload);
+                        let failed =
+                            r.expired() - failed + u64::from(got == datagram::Reassembly::Dropped);
+                        rx_stats
+                            .rx_reassembly_failed
+                            .fetch_add(failed, Ordering::Relaxed);
+                        let datagram::Reassembly::Frame(h, frame) = got else {
+                            return;
+                        };
+                        rx_stats.rx_reassembled.fetch_add(1, Ordering::Relaxed);
+                        (h, frame)
+                    }
+                };
                 if sink
                     .deliver(HostId::new(peer), h.vni, h.delivery, h.ack, frame)
                     .is_err()

@@ -46,8 +46,9 @@ const PREFIX: u8 = 24;
 const UDP_PORT: u16 = 5000;
 /// TCP port of the mover's echo server.
 const TCP_PORT: u16 = 7000;
-/// UDP payload per datagram, bytes: small enough that a frame always fits
-/// one QUIC datagram (`godwit_agent::network::RECOMMENDED_GUEST_MTU`).
+/// UDP payload per datagram, bytes: a frame that fits one QUIC datagram
+/// even before path MTU discovery, so the figures measure moves, not
+/// splitting (bigger frames are split, see `godwit_overlay::datagram`).
 const PAYLOAD: u32 = 1000;
 /// How long the sender runs at most, s (the row ends it sooner by tearing
 /// the lab down).

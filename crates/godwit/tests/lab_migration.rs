@@ -744,7 +744,7 @@ fn test_routing_out_of_the_overlay() {
     // The client runs on site c's host, not in any guest, and talks from
     // c's own address (10.77.3.1).
     let client = {
-        let lab = lab.clone();
+        let (lab, tool) = (lab.clone(), tool.clone());
         std::thread::spawn(move || {
             in_site(
                 &lab,
@@ -777,6 +777,32 @@ fn test_routing_out_of_the_overlay() {
         std::thread::sleep(Duration::from_secs(4));
     }
     let after = [routed("a"), routed("b")];
+    // Full-size frames (1442 bytes, more than one QUIC datagram holds):
+    // split by c's agent, put back together by a's.
+    let recv = probe(
+        "a",
+        "mover",
+        json!({"cmd": "udp_recv", "bind": "0.0.0.0:5001", "duration_s": 6}),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let sent = in_site(
+        &lab,
+        "c",
+        &[
+            &tool,
+            "udp-send",
+            "--dest",
+            "10.9.0.1:5001",
+            "--rate-kbit",
+            "2000",
+            "--payload",
+            "1400",
+            "--duration",
+            "3",
+        ],
+    );
+    assert!(sent.status.success(), "{sent:?}");
+    let big = recv.join().expect("UDP receiver");
     let out = client.join().expect("TCP client");
     // Each line is a protocol frame: a "GW1 " prefix, then the report.
     let tcp = String::from_utf8_lossy(&out.stdout)
@@ -784,7 +810,9 @@ fn test_routing_out_of_the_overlay() {
         .filter_map(|l| serde_json::from_str::<Value>(&l[l.find('{')?..]).ok())
         .next_back()
         .unwrap_or_default();
-    eprintln!("routing out: tcp {tcp}; routed at a, b: {before:?} -> {after:?}");
+    eprintln!(
+        "routing out: tcp {tcp}; routed at a, b: {before:?} -> {after:?}; 1400-byte udp {big}"
+    );
     let n = |v: &Value, k: &str| {
         v[k].as_u64()
             .unwrap_or_else(|| panic!("no {k} in {v}: {}", String::from_utf8_lossy(&out.stderr)))
@@ -806,5 +834,16 @@ fn test_routing_out_of_the_overlay() {
     assert!(
         after[0] > before[0],
         "a routed nothing: {before:?} -> {after:?}"
+    );
+    // ~180 datagrams/s for 3 s, every one split in two on the way.
+    assert!(n(&big, "received") > 400, "{big}");
+    assert!(n(&big, "lost") * 100 <= n(&big, "received"), "{big}");
+    let st = last_data(&ok(&["--json", "--site", "a", "status"]), "status");
+    let reassembled = st["network"]["datagrams"]["rx_reassembled"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        reassembled >= n(&big, "received"),
+        "a reassembled {reassembled}: {st}"
     );
 }
