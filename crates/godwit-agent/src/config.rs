@@ -253,6 +253,12 @@ pub struct NetworkSection {
     pub router: bool,
     /// The router's device name; default [`DEFAULT_ROUTER_DEVICE`].
     pub router_device: String,
+    /// Answer guests' ARP requests and neighbour solicitations for
+    /// addresses the location registry knows, on this host, instead of
+    /// flooding them to every site (EVPN's ARP suppression): a guest's
+    /// first packet to a peer at another site does not wait a WAN round
+    /// trip for resolution.
+    pub arp_suppression: bool,
     /// Hosts that run no agent but a Linux `vxlan` device: frames to and
     /// from them travel as plain VXLAN (RFC 7348, UDP, neither encrypted
     /// nor authenticated beyond the source address), and their guests'
@@ -354,6 +360,7 @@ impl Default for NetworkSection {
             gateway_mac: None,
             router: true,
             router_device: DEFAULT_ROUTER_DEVICE.to_owned(),
+            arp_suppression: true,
             vxlan_peers: Vec::new(),
             vxlan_listen: None,
         }
@@ -697,7 +704,7 @@ mod tests {
             toml::from_str(r#"gateway_ips = ["10.99.0.1/24", "fd00::1/64", "192.0.2.1"]"#).unwrap();
         let p: Vec<String> = n.gateway_ips.iter().map(|g| g.to_string()).collect();
         assert_eq!(p, ["10.99.0.1/24", "fd00::1/64", "192.0.2.1/32"]);
-        assert!(n.router);
+        assert!(n.router && n.arp_suppression);
         assert_eq!(n.router_device, DEFAULT_ROUTER_DEVICE);
         let gw = n.gateway().unwrap();
         assert_eq!((gw.ipv4.len(), gw.ipv6.len()), (2, 1));

@@ -332,6 +332,8 @@ impl Network {
         for p in &cfg.vxlan_peers {
             handle.add_remote(vni, HostId::new(&p.name)).await?;
         }
+        // Only fails once the driver stopped, which it has not.
+        let _ = handle.set_arp_suppression(cfg.arp_suppression).await;
         let mut router = None;
         if let Some(gw) = cfg.gateway() {
             // Only fails once the driver stopped, which it has not.

@@ -221,8 +221,54 @@ impl UdpAnalyzer {
             } else {
                 Vec::new()
             },
+            socket_drops: 0,
         }
     }
+}
+
+/// Receive buffer asked for a probe socket: a TCG guest is descheduled for
+/// tens of ms at a time, and at thousands of datagrams per second the
+/// default ~208 KiB overflows before the probe reads again, which would
+/// count as network loss.
+const UDP_RECV_BUFFER: libc::c_int = 16 << 20;
+
+/// Sets a big receive buffer on `sock`, past `rmem_max` if allowed (root).
+fn grow_recv_buffer(sock: &UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let v = UDP_RECV_BUFFER;
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: setsockopt reads a c_int from a live local for the
+        // length given; the fd is the socket's own.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            return;
+        }
+    }
+}
+
+/// `Udp: RcvbufErrors` from `/proc/net/snmp` (0 if unreadable).
+fn udp_rcvbuf_errors() -> u64 {
+    let Ok(t) = std::fs::read_to_string("/proc/net/snmp") else {
+        return 0;
+    };
+    let mut udp = t.lines().filter(|l| l.starts_with("Udp: "));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Send probe datagrams to `dest` at `rate_kbit` for `duration_s`; reports
@@ -268,6 +314,7 @@ pub fn udp_send(
         max_seq: seq.checked_sub(1),
         min_seq: None,
         gap_list: Vec::new(),
+        socket_drops: 0,
     };
     loop {
         let now = Instant::now();
@@ -306,6 +353,8 @@ pub fn udp_recv(
     let sock = UdpSocket::bind(resolve(bind)?).map_err(sock_err(bind))?;
     sock.set_read_timeout(Some(POLL_TIMEOUT))
         .map_err(sock_err(bind))?;
+    grow_recv_buffer(&sock);
+    let drops_before = udp_rcvbuf_errors();
     let start = Instant::now();
     let end = (duration_s > 0).then(|| start + Duration::from_secs(duration_s));
     let mut a = UdpAnalyzer::default();
@@ -319,11 +368,19 @@ pub fn udp_recv(
         }
         if last_report.elapsed() >= REPORT_INTERVAL {
             last_report = Instant::now();
-            let _ = sink.send(a.report(id, false));
+            let _ = sink.send(with_drops(a.report(id, false), drops_before));
         }
     }
-    let _ = sink.send(a.report(id, true));
+    let _ = sink.send(with_drops(a.report(id, true), drops_before));
     Ok(())
+}
+
+/// Fills in a receiver report's `socket_drops` since `before`.
+fn with_drops(mut r: Report, before: u64) -> Report {
+    if let Report::Udp { socket_drops, .. } = &mut r {
+        *socket_drops = udp_rcvbuf_errors().saturating_sub(before);
+    }
+    r
 }
 
 /// Bind a TCP echo server; serves each connection on its own thread until

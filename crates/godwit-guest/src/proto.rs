@@ -436,6 +436,12 @@ pub enum Report {
         /// gap belongs to which event.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         gap_list: Vec<UdpGap>,
+        /// Receiver: datagrams this machine's kernel dropped because a UDP
+        /// socket's receive buffer was full while the probe ran
+        /// (`/proc/net/snmp` `Udp: RcvbufErrors`), i.e. lost after the
+        /// network delivered them.
+        #[serde(default)]
+        socket_drops: u64,
     },
     /// TCP echo figures: every second while running and once at the end.
     Tcp {
@@ -655,6 +661,7 @@ mod tests {
                 max_gap_ms: 300,
                 max_seq: Some(10),
                 min_seq: Some(0),
+                socket_drops: 3,
                 gap_list: vec![UdpGap {
                     end_ms: 5000,
                     gap_ms: 240,

@@ -313,6 +313,7 @@ async fn row(s: &NetworkSuite, rate_kbit: u64, peer: &Peer, out: Out) -> Result<
         "downtime_ms": median(&moves.iter().map(|m| m.downtime_ms).collect::<Vec<_>>()),
         "median_gap_over_downtime_ms": median(&over),
         "lost": sum("lost"),
+        "receiver_socket_drops": sum("receiver_socket_drops"),
         "duplicated": sum("duplicated"),
         "reordered": sum("reordered"),
         "received": sum("received"),
@@ -374,6 +375,9 @@ async fn one_move(peer: &Peer, from: &str, to: &str, window: Duration) -> Result
             "migration_ms": report.total_ms,
             "received": n(&udp, "received"),
             "lost": lost,
+            // Of `lost`: dropped by the receiving machine's own socket
+            // buffer after the overlay had delivered them.
+            "receiver_socket_drops": n(&udp, "socket_drops"),
             "duplicated": n(&udp, "duplicates"),
             "reordered": n(&udp, "reordered"),
             "tcp_connects": n(&tcp, "connects"),
