@@ -189,24 +189,34 @@ fn warm_store_and_false_positives_resolve_by_fill() {
     );
 }
 
-#[test]
-fn unknown_construct_falls_back_and_stays_exact() {
+/// Splices `bad` into the middle of the first PART section of the sample
+/// stream; checks that the parser falls back exactly there, with a reason
+/// containing `reason`, and that the relay still carries the stream
+/// byte for byte.
+fn falls_back_at_splice(bad: Vec<u8>, reason: &str) {
     let mut stream = sample_stream();
-    // An XBZRLE record in the middle of the first PART section.
     let at = stream
         .windows(4)
         .position(|w| w == [0x02, 0, 0, 0])
         .unwrap()
         + 5;
-    let mut bad = Vec::new();
-    bad.put_u64(0x040 | 0x020);
-    bad.extend_from_slice(&[1, 0, 2, 9, 9]);
     stream.splice(at..at, bad);
     let mut p = StreamParser::new(QemuFormat::default());
     p.push(&stream);
     while p.next_event().is_some() {}
-    assert_eq!(p.fallback().map(|f| f.at), Some(at as u64));
+    let f = p.fallback().expect("a fallback");
+    assert_eq!(f.at, at as u64);
+    assert!(f.reason.contains(reason), "{}", f.reason);
     run(&stream, &[100, 1000], MemStore::default(), None);
+}
+
+#[test]
+fn unknown_construct_falls_back_and_stays_exact() {
+    // An XBZRLE record.
+    let mut bad = Vec::new();
+    bad.put_u64(0x040 | 0x020);
+    bad.extend_from_slice(&[1, 0, 2, 9, 9]);
+    falls_back_at_splice(bad, "");
 }
 
 #[test]
@@ -214,24 +224,11 @@ fn page_record_with_empty_block_name_falls_back() {
     // Found by the migstream_parser fuzz target: a page record naming the
     // block "" used to register it, and the relay's codec then refused to
     // carry that block, failing the migration instead of relaying raw.
-    let mut stream = sample_stream();
-    let at = stream
-        .windows(4)
-        .position(|w| w == [0x02, 0, 0, 0])
-        .unwrap()
-        + 5;
     let mut bad = Vec::new();
     bad.put_u64(0x008); // RAM_SAVE_FLAG_PAGE at offset 0, no CONTINUE
     bad.put_u8(0); // idstr length 0
     bad.extend_from_slice(&[7; 4096]);
-    stream.splice(at..at, bad);
-    let mut p = StreamParser::new(QemuFormat::default());
-    p.push(&stream);
-    while p.next_event().is_some() {}
-    let f = p.fallback().expect("a fallback");
-    assert_eq!(f.at, at as u64);
-    assert!(f.reason.contains("empty block name"), "{}", f.reason);
-    run(&stream, &[100, 1000], MemStore::default(), None);
+    falls_back_at_splice(bad, "empty block name");
 }
 
 #[test]
@@ -239,25 +236,12 @@ fn page_offset_past_2_pow_52_falls_back() {
     // Found by the migstream_parser fuzz target: a block first named by a
     // page record has no known length, and an offset near 2^64 made the
     // codec emit a page index its own decoder refuses.
-    let mut stream = sample_stream();
-    let at = stream
-        .windows(4)
-        .position(|w| w == [0x02, 0, 0, 0])
-        .unwrap()
-        + 5;
     let mut bad = Vec::new();
     bad.put_u64(0xffff_ffff_ffff_f000 | 0x002); // RAM_SAVE_FLAG_ZERO
     bad.put_u8(3);
     bad.extend_from_slice(b"new");
     bad.put_u8(0);
-    stream.splice(at..at, bad);
-    let mut p = StreamParser::new(QemuFormat::default());
-    p.push(&stream);
-    while p.next_event().is_some() {}
-    let f = p.fallback().expect("a fallback");
-    assert_eq!(f.at, at as u64);
-    assert!(f.reason.contains("beyond 2^52"), "{}", f.reason);
-    run(&stream, &[100, 1000], MemStore::default(), None);
+    falls_back_at_splice(bad, "beyond 2^52");
 }
 
 #[test]

@@ -658,6 +658,41 @@ fn in_site(lab: &Value, site: &str, argv: &[&str]) -> std::process::Output {
         .expect("running ip netns exec")
 }
 
+/// Runs the guest tool's TCP echo client as a host program in `site`'s
+/// namespace (scripts/test builds the static tool); returns its final
+/// report and its stderr.
+fn host_echo_client(
+    lab: &Value,
+    site: &str,
+    dest: &str,
+    interval_ms: u64,
+    secs: u64,
+) -> (Value, String) {
+    let tool = std::env::var("GODWIT_GUEST_BIN").expect("GODWIT_GUEST_BIN (set by scripts/test)");
+    let (interval, secs) = (interval_ms.to_string(), secs.to_string());
+    let out = in_site(
+        lab,
+        site,
+        &[
+            &tool,
+            "tcp-echo-client",
+            "--dest",
+            dest,
+            "--interval-ms",
+            &interval,
+            "--duration",
+            &secs,
+        ],
+    );
+    // Each line is a protocol frame: a "GW1 " prefix, then the report.
+    let last = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(&l[l.find('{')?..]).ok())
+        .next_back()
+        .unwrap_or_default();
+    (last, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
 /// Deliverable 2's plain VXLAN mode: a host with no agent, only a Linux
 /// `vxlan` device, reaches a guest on the overlay, before and after the
 /// guest migrates to another site.
@@ -673,36 +708,14 @@ fn test_kernel_vxlan_peer() {
     assert!(added.status.success(), "{added:?}");
     boot_on_overlay("a", "mover", "10.9.0.1/24");
     serve_echo("a", "mover");
-    // The static guest tool runs on the host too (scripts/test builds it).
-    let tool = std::env::var("GODWIT_GUEST_BIN").expect("GODWIT_GUEST_BIN (set by scripts/test)");
     let ping = |when: &str| {
         // A TCP echo exchange from the kernel side: ARP, learning on both
         // sides and the connection all have to work.
-        let out = in_site(
-            &lab,
-            "c",
-            &[
-                &tool,
-                "tcp-echo-client",
-                "--dest",
-                "10.9.0.1:7000",
-                "--interval-ms",
-                "100",
-                "--duration",
-                "4",
-            ],
-        );
-        // Each line is a protocol frame: a "GW1 " prefix, then the report.
-        let last = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(&l[l.find('{')?..]).ok())
-            .next_back()
-            .unwrap_or_default();
+        let (last, stderr) = host_echo_client(&lab, "c", "10.9.0.1:7000", 100, 4);
         eprintln!("kernel vxlan peer, {when}: {last}");
         assert!(
             last["echoed"].as_u64().unwrap_or(0) > 5 && last["resets"] == 0,
-            "no TCP echo from the guest {when}: {last} {}",
-            String::from_utf8_lossy(&out.stderr)
+            "no TCP echo from the guest {when}: {last} {stderr}"
         );
     };
     ping("guest at a");
@@ -744,23 +757,8 @@ fn test_routing_out_of_the_overlay() {
     // The client runs on site c's host, not in any guest, and talks from
     // c's own address (10.77.3.1).
     let client = {
-        let (lab, tool) = (lab.clone(), tool.clone());
-        std::thread::spawn(move || {
-            in_site(
-                &lab,
-                "c",
-                &[
-                    &tool,
-                    "tcp-echo-client",
-                    "--dest",
-                    "10.9.0.1:7000",
-                    "--interval-ms",
-                    "50",
-                    "--duration",
-                    "24",
-                ],
-            )
-        })
+        let lab = lab.clone();
+        std::thread::spawn(move || host_echo_client(&lab, "c", "10.9.0.1:7000", 50, 24))
     };
     std::thread::sleep(Duration::from_secs(4));
     let routed = |site: &str| {
@@ -803,19 +801,13 @@ fn test_routing_out_of_the_overlay() {
     );
     assert!(sent.status.success(), "{sent:?}");
     let big = recv.join().expect("UDP receiver");
-    let out = client.join().expect("TCP client");
-    // Each line is a protocol frame: a "GW1 " prefix, then the report.
-    let tcp = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(&l[l.find('{')?..]).ok())
-        .next_back()
-        .unwrap_or_default();
+    let (tcp, stderr) = client.join().expect("TCP client");
     eprintln!(
         "routing out: tcp {tcp}; routed at a, b: {before:?} -> {after:?}; 1400-byte udp {big}"
     );
     let n = |v: &Value, k: &str| {
         v[k].as_u64()
-            .unwrap_or_else(|| panic!("no {k} in {v}: {}", String::from_utf8_lossy(&out.stderr)))
+            .unwrap_or_else(|| panic!("no {k} in {v}: {stderr}"))
     };
     assert_eq!(n(&tcp, "connects"), 1, "{tcp}");
     assert_eq!(n(&tcp, "resets"), 0, "{tcp}");
