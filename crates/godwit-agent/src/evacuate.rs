@@ -12,9 +12,13 @@
 //! time), destinations alternate over the sites in that order, and every
 //! migration paces its WAN bytes with one [`RateBudget`] shared by all, so
 //! the evacuation as a whole stays within `max_bandwidth` however many run.
-//! Its parameters are persisted while it runs; after an interruption
-//! (agent restart, failed migrations) `resume` starts it again with the VMs
-//! still here.
+//! Its parameters are persisted while it runs, with a marker that it is
+//! running. An agent that died mid-evacuation finds the marker when it
+//! starts again and resumes by itself ([`resume_interrupted`]) once it has
+//! re-adopted its VMs and reaches the destinations: the VMs still here go,
+//! the ones that left stay gone (a migration the crash cut failed, so its
+//! VM still runs here and goes again). An evacuation that ended with
+//! failed migrations keeps its parameters for `resume` by hand.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -29,6 +33,15 @@ use crate::Agent;
 
 /// How often an evacuation looks at its migrations.
 const POLL: Duration = Duration::from_millis(200);
+/// Migrations an evacuation tries per VM before it leaves the VM here.
+pub const ATTEMPTS: u32 = 4;
+/// Pause before a VM's next attempt, times the attempts so far: 5, 10 and
+/// 15 s outlast a peer's idle timeout (a destination learns that a
+/// crashed source's stream is dead only when its connection times out).
+const RETRY_AFTER: Duration = Duration::from_secs(5);
+/// How long a restarted agent tries to reach an interrupted evacuation's
+/// destinations before it leaves the evacuation to `resume` by hand.
+const RESUME_REACH: Duration = Duration::from_secs(120);
 /// Most migrations an evacuation runs at once.
 pub const MAX_PARALLEL: usize = 16;
 
@@ -87,8 +100,12 @@ pub struct EvacuationVm {
     pub ram_mib: u64,
     /// Destination.
     pub to: String,
-    /// Its migration, once started (with the final report when done).
+    /// Its migration, once started (with the final report when done);
+    /// the last attempt's.
     pub migration: Option<MigrationInfo>,
+    /// Migrations tried so far (at most [`ATTEMPTS`]).
+    #[serde(default)]
+    pub attempts: u32,
 }
 
 /// API view of an evacuation.
@@ -158,6 +175,12 @@ impl Evacuations {
 
     fn params_path(&self) -> PathBuf {
         self.state_dir.join("evacuation.json")
+    }
+
+    /// Exists while an evacuation runs: found at start-up, it means the
+    /// agent died in the middle of one.
+    fn running_path(&self) -> PathBuf {
+        self.state_dir.join("evacuation.running")
     }
 
     /// The current (or last) evacuation.
@@ -243,6 +266,8 @@ pub fn start(agent: &Arc<Agent>, req: StartEvacuation) -> Result<EvacuationInfo,
         serde_json::to_vec_pretty(&params).unwrap_or_default(),
     )
     .map_err(|source| EvacuationError::Persist { path, source })?;
+    let path = ev.running_path();
+    std::fs::write(&path, b"1\n").map_err(|source| EvacuationError::Persist { path, source })?;
     // Largest first; destinations in turn.
     let mut here: Vec<(String, u64)> = agent
         .vms
@@ -260,6 +285,7 @@ pub fn start(agent: &Arc<Agent>, req: StartEvacuation) -> Result<EvacuationInfo,
             ram_mib,
             to: params.to[i % params.to.len()].clone(),
             migration: None,
+            attempts: 0,
         })
         .collect();
     let job = Arc::new(Job {
@@ -303,6 +329,7 @@ async fn run(agent: Arc<Agent>, job: Arc<Job>) {
     if v.failed == 0 {
         let _ = std::fs::remove_file(agent.evacuations.params_path());
     }
+    let _ = std::fs::remove_file(agent.evacuations.running_path());
     info!(
         completed = v.completed,
         failed = v.failed,
@@ -311,52 +338,129 @@ async fn run(agent: Arc<Agent>, job: Arc<Job>) {
     );
 }
 
-/// Migrates the `i`-th VM and follows it to its end.
+/// Migrates the `i`-th VM and follows it to its end, trying again (up to
+/// [`ATTEMPTS`] in all) after a failure that left the VM running here: a
+/// transient fault (a cut link, a destination still cleaning up after a
+/// crash) should not end an unattended evacuation.
 async fn one(agent: &Arc<Agent>, job: &Job, i: usize, budget: Option<Arc<RateBudget>>) {
     let (vm, to) = {
         let vms = job.vms.lock().unwrap_or_else(|p| p.into_inner());
         (vms[i].vm.clone(), vms[i].to.clone())
     };
-    let req = StartMigration {
-        vm: vm.clone(),
-        to,
-        downtime_limit_ms: None,
-        timeout_s: None,
-        direct: false,
-        qemu: None,
-        copy: false,
+    let set = |m: MigrationInfo, attempt: u32| {
+        let mut vms = job.vms.lock().unwrap_or_else(|p| p.into_inner());
+        vms[i].migration = Some(m);
+        vms[i].attempts = attempt;
     };
-    let set = |m: MigrationInfo| {
-        job.vms.lock().unwrap_or_else(|p| p.into_inner())[i].migration = Some(m);
-    };
-    let m = match crate::migration::source::start_with_budget(agent, req, budget).await {
-        Ok(m) => m,
-        Err(e) => {
-            let why = crate::error_chain(&e);
-            warn!(vm, cause = why, "evacuation: the migration did not start");
-            set(MigrationInfo {
-                id: String::new(),
-                vm: vm.clone(),
-                from: agent.cfg.name.clone(),
-                to: job.vms.lock().unwrap_or_else(|p| p.into_inner())[i]
-                    .to
-                    .clone(),
-                to_site: String::new(),
-                phase: MigrationPhase::Failed,
-                progress: Default::default(),
-                report: None,
-                error: Some(why),
-            });
+    for attempt in 1..=ATTEMPTS {
+        let req = StartMigration {
+            vm: vm.clone(),
+            to: to.clone(),
+            downtime_limit_ms: None,
+            timeout_s: None,
+            direct: false,
+            qemu: None,
+            copy: false,
+        };
+        let phase =
+            match crate::migration::source::start_with_budget(agent, req, budget.clone()).await {
+                Ok(m) => loop {
+                    let info = m.info();
+                    let phase = info.phase;
+                    set(info, attempt);
+                    if phase.is_terminal() {
+                        break phase;
+                    }
+                    tokio::time::sleep(POLL).await;
+                },
+                Err(e) => {
+                    let why = crate::error_chain(&e);
+                    warn!(
+                        vm,
+                        attempt,
+                        cause = why,
+                        "evacuation: the migration did not start"
+                    );
+                    set(
+                        MigrationInfo {
+                            id: String::new(),
+                            vm: vm.clone(),
+                            from: agent.cfg.name.clone(),
+                            to: to.clone(),
+                            to_site: String::new(),
+                            phase: MigrationPhase::Failed,
+                            progress: Default::default(),
+                            report: None,
+                            error: Some(why),
+                        },
+                        attempt,
+                    );
+                    MigrationPhase::Failed
+                }
+            };
+        let still_here = agent
+            .vms
+            .get(&vm)
+            .is_ok_and(|h| h.state() == VmState::Running);
+        if phase == MigrationPhase::Completed || !still_here || attempt == ATTEMPTS {
             return;
         }
-    };
-    loop {
-        let info = m.info();
-        let done = info.phase.is_terminal();
-        set(info);
-        if done {
-            return;
-        }
-        tokio::time::sleep(POLL).await;
+        let why = job.vms.lock().unwrap_or_else(|p| p.into_inner())[i]
+            .migration
+            .as_ref()
+            .and_then(|m| m.error.clone())
+            .unwrap_or_default();
+        info!(
+            vm,
+            attempt,
+            cause = why,
+            "evacuation: trying the migration again"
+        );
+        tokio::time::sleep(RETRY_AFTER * attempt).await;
     }
+}
+
+/// At agent start-up: resumes the evacuation a crash interrupted, if any,
+/// in the background once every destination answers (a restarted agent's
+/// peer connections are dialled afresh). Gives up after [`RESUME_REACH`],
+/// leaving the evacuation to `godwit evacuate --resume`.
+pub fn resume_interrupted(agent: &Arc<Agent>) {
+    let ev = &agent.evacuations;
+    if !ev.running_path().exists() {
+        return;
+    }
+    let Some(params) = ev.saved() else {
+        warn!("an evacuation was running but its parameters are unreadable; not resuming");
+        let _ = std::fs::remove_file(ev.running_path());
+        return;
+    };
+    let agent = agent.clone();
+    tokio::spawn(async move {
+        info!(?params, "resuming the evacuation a restart interrupted");
+        let deadline = Instant::now() + RESUME_REACH;
+        for to in &params.to {
+            loop {
+                let reached = match agent.peers.resolve(to) {
+                    Ok(p) => agent.peers.connection(&p).await.map(|_| ()),
+                    Err(e) => Err(e),
+                };
+                match reached {
+                    Ok(()) => break,
+                    Err(e) if Instant::now() >= deadline => {
+                        warn!(to, cause = %crate::error_chain(&e),
+                            "cannot reach an evacuation destination; resume it by hand (godwit evacuate --resume)");
+                        return;
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+                }
+            }
+        }
+        let req = StartEvacuation {
+            params: None,
+            resume: true,
+        };
+        if let Err(e) = start(&agent, req) {
+            warn!(cause = %crate::error_chain(&e), "could not resume the evacuation");
+        }
+    });
 }

@@ -17,6 +17,7 @@
 //! - [`rpgate`]: the destination's gate on QEMU's return path (who owns the VM).
 //! - [`migration`]: the source and destination state machines.
 //! - [`metrics`]: Prometheus counters.
+//! - [`failpoint`]: crash points that recovery tests arm.
 //! - [`network`]: the guest network: overlay switch, QUIC datagram
 //!   transport and registry links to peers.
 #![warn(missing_docs)]
@@ -26,6 +27,7 @@ pub mod client;
 pub mod config;
 pub mod cpu;
 pub mod evacuate;
+pub mod failpoint;
 pub mod guest;
 pub mod memcodec;
 pub mod metrics;
@@ -301,6 +303,7 @@ pub async fn run(
         fingerprint = agent.fingerprint,
         "agent started"
     );
+    evacuate::resume_interrupted(&agent);
     let shutdown = async {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();

@@ -277,7 +277,7 @@ impl VmManager {
                     continue;
                 }
             };
-            let rec = match rec.handover.clone() {
+            let (rec, settled_qmp) = match rec.handover.clone() {
                 Some(new) => match self.settle_handover(rec, new).await {
                     Some(r) => r,
                     None => {
@@ -285,7 +285,7 @@ impl VmManager {
                         continue;
                     }
                 },
-                None => rec,
+                None => (rec, None),
             };
             if !rec.instance.is_running() {
                 info!(
@@ -296,7 +296,16 @@ impl VmManager {
                 let _ = std::fs::remove_file(&path);
                 continue;
             }
-            let (qmp, events) = match QmpClient::connect(&rec.instance.qmp_socket).await {
+            // QEMU's monitor serves one client at a time: reuse the
+            // connection the settlement made.
+            let connected = match settled_qmp {
+                Some(c) => {
+                    let events = c.subscribe();
+                    Ok((c, events))
+                }
+                None => QmpClient::connect(&rec.instance.qmp_socket).await,
+            };
+            let (qmp, events) = match connected {
                 Ok(c) => c,
                 Err(e) => {
                     warn!(vm = rec.spec.name, cause = %e, "cannot reconnect to QEMU; leaving it alone");
@@ -360,8 +369,14 @@ impl VmManager {
     /// Resolves a handover that an agent crash interrupted. Both QEMUs map
     /// the same RAM file; [`settle`] decides which one owns the guest from
     /// their run states. Neither retirement removes the RAM file. Returns
-    /// the record to re-adopt, or `None` if neither process is left.
-    async fn settle_handover(&self, mut rec: VmRecord, new: QemuInstance) -> Option<VmRecord> {
+    /// the record to re-adopt with the QMP connection to its QEMU (the
+    /// monitor takes no second client while this one is open), or `None`
+    /// if neither process is left.
+    async fn settle_handover(
+        &self,
+        mut rec: VmRecord,
+        new: QemuInstance,
+    ) -> Option<(VmRecord, Option<QmpClient>)> {
         rec.handover = None;
         let new_qmp = if new.is_running() {
             QmpClient::connect(&new.qmp_socket)
@@ -402,9 +417,9 @@ impl VmManager {
             };
         }
         let decision = settle(new_st.as_deref(), old_st.as_deref());
-        let (keep, drop) = match decision {
-            Settlement::KeepNew { .. } => (new, rec.instance.clone()),
-            Settlement::KeepOld => (rec.instance.clone(), new),
+        let (keep, drop, keep_qmp, drop_qmp) = match decision {
+            Settlement::KeepNew { .. } => (new, rec.instance.clone(), new_qmp, old_qmp),
+            Settlement::KeepOld => (rec.instance.clone(), new, old_qmp, new_qmp),
         };
         info!(
             vm = rec.spec.name,
@@ -414,8 +429,8 @@ impl VmManager {
             old = ?old_st,
             "settling a handover interrupted by an agent restart"
         );
-        let _ = godwit_qemu::retire(&drop, None, STOP_GRACE).await;
-        if let (Settlement::KeepNew { cont: true }, Some(c)) = (decision, &new_qmp) {
+        let _ = godwit_qemu::retire(&drop, drop_qmp.as_ref(), STOP_GRACE).await;
+        if let (Settlement::KeepNew { cont: true }, Some(c)) = (decision, &keep_qmp) {
             if let Err(e) = c.execute_timeout("cont", json!({}), QMP_TIMEOUT).await {
                 warn!(vm = rec.spec.name, cause = %e, "cannot continue the new QEMU");
             }
@@ -429,7 +444,7 @@ impl VmManager {
         if rec.state == VmState::MigratingOut {
             rec.state = VmState::Running;
         }
-        Some(rec)
+        Some((rec, keep_qmp))
     }
 
     #[allow(clippy::too_many_arguments)] // One call site per way a VM appears.

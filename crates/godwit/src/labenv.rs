@@ -205,30 +205,95 @@ async fn start_agents(
             })
             .collect();
         cfg.save(&cfgs[i])?;
-        let log = std::fs::File::create(site_dir(&site.name).join("agent.log"))?;
-        let mut cmd = godwit_lab::netns::command_in(&site.netns, exe);
-        cmd.args(["agent", "--config"])
-            .arg(&cfgs[i])
-            .env(
-                "RUST_LOG",
-                std::env::var("GODWIT_LAB_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        detach(&mut cmd);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting the agent of site {}", site.name))?;
-        std::fs::write(
-            site_dir(&site.name).join("agent.pid"),
-            child.id().to_string(),
-        )?;
+        let _ = std::fs::remove_file(site_dir(&site.name).join("agent.log"));
+        spawn_agent(site, exe, &[])?;
     }
     for site in &agent_sites {
         wait_agent(&site.name, Duration::from_secs(20)).await?;
     }
     Ok(())
+}
+
+/// Starts the agent of `site` from its `agent.toml` in the site's
+/// namespace, appending to its `agent.log`, with the crash points
+/// `failpoints` armed (see `godwit_agent::failpoint`).
+fn spawn_agent(site: &godwit_lab::SiteInfo, exe: &Path, failpoints: &[String]) -> Result<()> {
+    let dir = site_dir(&site.name);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("agent.log"))?;
+    let mut cmd = godwit_lab::netns::command_in(&site.netns, exe);
+    cmd.args(["agent", "--config"])
+        .arg(dir.join("agent.toml"))
+        .env(
+            "RUST_LOG",
+            std::env::var("GODWIT_LAB_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    if failpoints.is_empty() {
+        cmd.env_remove(godwit_agent::failpoint::ENV);
+    } else {
+        cmd.env(godwit_agent::failpoint::ENV, failpoints.join(","));
+    }
+    detach(&mut cmd);
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("starting the agent of site {}", site.name))?;
+    std::fs::write(dir.join("agent.pid"), child.id().to_string())?;
+    Ok(())
+}
+
+/// Kills the agent of lab site `site` with `SIGKILL`, as a crash would
+/// (its QEMUs keep running in their own sessions), and starts it again
+/// with the same configuration and state, the crash points `failpoints`
+/// armed. Returns once the new agent answers.
+pub async fn restart_agent(site: &str, failpoints: &[String]) -> Result<()> {
+    let st = require_lab()?;
+    let info = st.site(site)?;
+    let pid_path = site_dir(site).join("agent.pid");
+    if !pid_path.exists() {
+        bail!("lab site {site} runs no agent");
+    }
+    for p in failpoints {
+        if !godwit_agent::failpoint::ALL.contains(&p.as_str()) {
+            bail!(
+                "unknown failpoint {p:?} (known: {})",
+                godwit_agent::failpoint::ALL.join(", ")
+            );
+        }
+    }
+    let old: Option<i32> = std::fs::read_to_string(&pid_path)
+        .ok()
+        .and_then(|t| t.trim().parse().ok());
+    if let Some(pid) = old.filter(|p| *p > 0) {
+        // SAFETY: kill(2) on the pid this lab started the agent with.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let t0 = Instant::now();
+        // SAFETY: signal 0 only checks whether the process still exists.
+        while unsafe { libc::kill(pid, 0) } == 0 && !is_zombie(pid) {
+            if t0.elapsed() > Duration::from_secs(10) {
+                bail!("the agent of site {site} (pid {pid}) did not die");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let exe = std::env::current_exe().context("locating the godwit binary")?;
+    spawn_agent(info, &exe, failpoints)?;
+    wait_agent(site, Duration::from_secs(20)).await
+}
+
+/// Whether `pid` is a zombie (dead, not yet reaped by its parent).
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next().map(|st| st == "Z"))
+        })
+        .unwrap_or(false)
 }
 
 /// Puts the child in its own session so it outlives this command.

@@ -839,3 +839,155 @@ fn test_routing_out_of_the_overlay() {
         "a reassembled {reassembled}: {st}"
     );
 }
+
+/// Live QEMU processes of `vm` at lab site `site` (their command lines
+/// name the instance directory under the site's run directory).
+fn qemu_pids(site: &str, vm: &str) -> Vec<u32> {
+    let needle = format!("/sites/{site}/run/vms/{vm}-");
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd);
+        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
+            .unwrap_or(true);
+        if cmd.contains("qemu-system") && cmd.contains(&needle) && !zombie {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Waits until `vm` at `site` runs in exactly one QEMU; returns its pid.
+fn wait_one_qemu(site: &str, vm: &str) -> u32 {
+    let t0 = Instant::now();
+    loop {
+        let pids = qemu_pids(site, vm);
+        if pids.len() == 1 {
+            return pids[0];
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "{vm} at {site} runs in {} QEMUs: {pids:?}",
+            pids.len()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The agent dies (SIGKILL, at a crash point) in the middle of a
+/// same-host handover, once before the old QEMU migrates and once after it
+/// completed but before the new one runs. The restarted agent keeps the
+/// QEMU that owns the guest (the old one, then the new one), retires the
+/// other without touching the shared RAM file, and the guest runs on with
+/// every page intact: never two QEMUs running it, never none.
+#[test]
+fn test_handover_agent_crash() {
+    let _g = LAB.lock().unwrap_or_else(|p| p.into_inner());
+    let _lab = Lab::up("0ms", "1000mbit");
+    let boot = boot_with_memdirty("vm1", "256", 64, 500);
+    for (point, keeps_new) in [
+        ("handover-before-migrate", false),
+        ("handover-before-cont", true),
+    ] {
+        let before = wait_one_qemu("a", "vm1");
+        ok(&["lab", "restart", "a", "--failpoint", point]);
+        let out = godwit(&["--json", "--site", "a", "upgrade", "vm1"]);
+        assert!(
+            !out.status.success(),
+            "the upgrade survived the crash at {point}"
+        );
+        ok(&["lab", "restart", "a"]);
+        let after = wait_one_qemu("a", "vm1");
+        eprintln!("crash at {point}: QEMU {before} -> {after}");
+        assert_eq!(after != before, keeps_new, "crash at {point}");
+        assert_runs_at("a", "vm1", &boot);
+        assert_memory_intact("a", "vm1");
+        assert_eq!(ram_files("a").len(), 1, "{:?}", ram_files("a"));
+        let info = last_data(&ok(&["--json", "--site", "a", "vm", "show", "vm1"]), "vm");
+        assert_eq!(info["pid"].as_u64(), Some(u64::from(after)), "{info}");
+    }
+    // The settled VM hands over again as usual.
+    let m = last_data(&ok(&["--json", "--site", "a", "upgrade", "vm1"]), "summary");
+    assert_eq!(m["phase"], "completed", "{m}");
+    assert_runs_at("a", "vm1", &boot);
+    assert_memory_intact("a", "vm1");
+}
+
+/// The source agent is killed (SIGKILL) while it evacuates its host. The
+/// migration in flight fails, its VM keeps running at the source, and the
+/// restarted agent resumes the evacuation by itself: both VMs end at the
+/// destination with their memory intact and nothing is left behind.
+#[test]
+fn test_evacuation_resumes_after_agent_crash() {
+    let _g = LAB.lock().unwrap_or_else(|p| p.into_inner());
+    let _lab = Lab::up("10ms", "100mbit");
+    let boot1 = boot_with_memdirty("vm1", "256", 64, 500);
+    let boot2 = boot_with_memdirty("vm2", "192", 32, 200);
+    let mut cli = std::process::Command::new(env!("CARGO_BIN_EXE_godwit"))
+        .args([
+            "--json",
+            "--site",
+            "a",
+            "evacuate",
+            "a",
+            "--to",
+            "b",
+            "--parallel",
+            "1",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("starting godwit evacuate");
+    // The first (largest) VM is on its way: its destination QEMU exists.
+    let t0 = Instant::now();
+    while !vm_names("b").contains(&"vm1".to_owned()) {
+        assert!(t0.elapsed() < Duration::from_secs(60), "vm1 never left");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    ok(&["lab", "restart", "a"]);
+    let _ = cli.wait();
+    let t0 = Instant::now();
+    loop {
+        let (here, there) = (vm_names("a"), vm_names("b"));
+        if here.is_empty() && there.len() == 2 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(240),
+            "evacuation did not resume: at a {here:?}, at b {there:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    for (vm, boot) in [("vm1", &boot1), ("vm2", &boot2)] {
+        assert_runs_at("b", vm, boot);
+        assert_memory_intact("b", vm);
+        assert!(qemu_pids("a", vm).is_empty(), "{vm} still has a QEMU at a");
+    }
+    // It was the restarted agent that finished the job, and the migration
+    // the crash cut went again.
+    let log = std::fs::read_to_string("/run/godwit/lab/sites/a/agent.log").unwrap();
+    for l in log.lines().filter(|l| l.contains("evacuation")) {
+        eprintln!("{l}");
+    }
+    assert!(log.contains("resuming the evacuation a restart interrupted"));
+    let started = log
+        .lines()
+        .filter(|l| l.contains("migration started") && l.contains("vm=\"vm1\""))
+        .count();
+    assert!(started >= 2, "vm1 should have gone again");
+    // b did not wait for its dead connection to time out: the new
+    // migration of vm1 superseded the one the crash cut.
+    let log_b = std::fs::read_to_string("/run/godwit/lab/sites/b/agent.log").unwrap();
+    assert!(
+        log_b.contains("superseded a stale incoming migration"),
+        "b kept the stale incoming vm1"
+    );
+}

@@ -114,6 +114,29 @@ pub async fn prepare(
         );
     }
     let name = spec.name.clone();
+    if let Some(stale) = agent.migrations.incoming_loading(&name) {
+        if stale.from == from {
+            // The source asks again for a VM it is still sending: it runs
+            // the VM and its earlier migration died with it (an agent
+            // crash), though this side learns that only when the
+            // connection times out. Settle the stale one as failed now; the
+            // gate keeps this exact: had its SHUT left, the guest would run
+            // here and the source could not be asking.
+            let outcome = settle_failure(
+                agent,
+                &stale,
+                format!("superseded by migration {migration_id} of the same VM from {from}"),
+            )
+            .await;
+            info!(
+                stale = stale.id,
+                migration = migration_id,
+                vm = name,
+                ?outcome,
+                "superseded a stale incoming migration"
+            );
+        }
+    }
     unplug_nic_without_network(agent, &mut spec);
     let vm = match agent
         .vms

@@ -258,15 +258,18 @@ async fn drive(
             return Err(e);
         }
     };
-    // The guest runs in the new QEMU: what follows is bookkeeping.
+    // The guest runs in the new QEMU: what follows is bookkeeping, which
+    // the guest does not wait for, so the meter's first ping through the
+    // new QEMU goes out now.
+    let pause = tokio::spawn(meter.finish(guest.clone()));
     let transfer_ms = t1.elapsed().as_secs_f64() * 1e3;
     let total_ms = job.started.elapsed().as_millis() as u64;
     let new_version = qemu_version(&new_qmp).await;
     let new_pid = new.pid;
     let h = agent
         .vms
-        .complete_handover(vm, new, new_qmp, new_events, guest.clone())?;
-    let guest_pause = meter.finish(guest).await;
+        .complete_handover(vm, new, new_qmp, new_events, guest)?;
+    let guest_pause = pause.await.ok().flatten();
     let mut c = cpu.lock().unwrap_or_else(|p| p.into_inner()).clone();
     c.sample();
     // The new QEMU's own work: start-up and loading the state.
@@ -347,6 +350,7 @@ async fn transfer(
         ..Default::default()
     };
     job.set_phase(MigrationPhase::Transferring);
+    crate::failpoint::hit(crate::failpoint::HANDOVER_BEFORE_MIGRATE);
     // `(events, false)` clears whatever a WAN attempt may have enabled.
     let mut src_caps = caps.clone();
     src_caps.extend(
@@ -381,6 +385,7 @@ async fn transfer(
             warn!(cause = %crate::error_chain(&e), "the NIC could not follow the guest to the new QEMU");
         }
     }
+    crate::failpoint::hit(crate::failpoint::HANDOVER_BEFORE_CONT);
     let t_cont = Instant::now();
     new_qmp
         .execute_timeout("cont", json!({}), crate::vm::QMP_TIMEOUT)

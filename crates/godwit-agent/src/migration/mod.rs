@@ -273,6 +273,16 @@ impl Migrations {
             .cloned()
     }
 
+    /// The incoming job still loading VM `vm`, if any.
+    pub fn incoming_loading(&self, vm: &str) -> Option<Arc<destination::IncomingJob>> {
+        self.incoming
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .find(|j| j.vm.spec.name == vm && matches!(j.outcome(), IncomingOutcome::Loading))
+            .cloned()
+    }
+
     /// An incoming job by id.
     pub fn incoming(&self, id: &str) -> Option<Arc<destination::IncomingJob>> {
         self.incoming

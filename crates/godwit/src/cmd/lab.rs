@@ -36,6 +36,16 @@ pub enum LabCmd {
     },
     /// Change link parameters (all links, or FROM→TO).
     Set(SetArgs),
+    /// Kill a site's agent with SIGKILL, as a crash would, and start it
+    /// again: it re-adopts its VMs and settles what the crash interrupted.
+    Restart {
+        /// Site.
+        site: String,
+        /// Crash point to arm in the new agent (repeatable): it kills
+        /// itself there, e.g. `handover-before-cont`.
+        #[arg(long)]
+        failpoint: Vec<String>,
+    },
     /// The WAN emulator daemon (started by `lab up`).
     #[command(hide = true)]
     WanDaemon(WanDaemonArgs),
@@ -249,6 +259,13 @@ pub async fn run(c: LabCmd, out: Out) -> Result<()> {
             let n = wan()?.set_link(s.from.as_deref(), s.to.as_deref(), upd)?;
             out.result("lab_set", &serde_json::json!({"links": n}), || {
                 format!("changed {n} link directions")
+            });
+        }
+        LabCmd::Restart { site, failpoint } => {
+            labenv::restart_agent(&site, &failpoint).await?;
+            let v = serde_json::json!({"site": site, "failpoints": failpoint});
+            out.result("lab_restart", &v, || {
+                format!("agent of site {site} restarted")
             });
         }
         LabCmd::WanDaemon(_) => bail!("the WAN daemon runs outside the async runtime"),
