@@ -48,6 +48,7 @@ struct Sample {
     stop_to_resume_ms: Option<f64>,
     guest_pause_ms: Option<f64>,
     guest_ping_interval_ms: Option<f64>,
+    guest_first_answer_ms: Option<f64>,
     cpu_s: Option<f64>,
     stream_bytes: f64,
     launch_ms: f64,
@@ -136,6 +137,7 @@ async fn once(a: &ApiClient, me: &str, copy: bool) -> Result<Result<Sample, Stri
         stop_to_resume_ms: r.guest_downtime_ms.map(|d| d as f64),
         guest_pause_ms: l.guest_pause_ms,
         guest_ping_interval_ms: l.guest_ping_interval_ms,
+        guest_first_answer_ms: l.guest_first_answer_ms,
         cpu_s: r.sender_cpu_s,
         stream_bytes: r.stream_bytes as f64,
         launch_ms: l.launch_ms,
@@ -196,6 +198,7 @@ fn row(copy: bool, mib: u64, dirty: u64, s: &[Sample], failed: &[String], errors
         "stop_to_resume_ms": median(&col(|x| x.stop_to_resume_ms)),
         "qemu_downtime_ms": median(&col(|x| x.qemu_downtime_ms)),
         "guest_ping_interval_ms": median(&col(|x| x.guest_ping_interval_ms)),
+        "guest_first_answer_ms": median(&col(|x| x.guest_first_answer_ms)),
         "cpu_s": median(&col(|x| x.cpu_s)),
         "stream_bytes": median(&col(|x| Some(x.stream_bytes))),
     })

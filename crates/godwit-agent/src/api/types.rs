@@ -280,6 +280,11 @@ pub struct LocalMigrationReport {
     /// ms: the resolution of `guest_pause_ms`.
     #[serde(default)]
     pub guest_ping_interval_ms: Option<f64>,
+    /// Round trip of the guest tool's first answer through the new QEMU,
+    /// ms: against `guest_ping_interval_ms`, the new process's warm-up
+    /// (under TCG, translating the guest's code afresh).
+    #[serde(default)]
+    pub guest_first_answer_ms: Option<f64>,
     /// CPU seconds: the agent, the old QEMU's migration thread and all of
     /// the new QEMU's non-vCPU threads (start-up included).
     pub cpu_s: f64,

@@ -30,6 +30,11 @@
 //! QEMU and the first through the new one is the pause the guest's own
 //! services saw (`local.guest_pause_ms`); its resolution is the median time
 //! between answers before the handover (`local.guest_ping_interval_ms`).
+//! The round trip of the first answer through the new QEMU
+//! (`local.guest_first_answer_ms`) against that interval is what the new
+//! process costs the guest after it runs: under TCG it translates the
+//! guest's code afresh, so the first round trip takes several times a
+//! warm one.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -301,7 +306,8 @@ async fn drive(
             new_qemu: new_version,
             ram_shared: mode == LocalMode::Handover,
             guest_pause_ms: guest_pause.as_ref().map(|p| p.gap_ms),
-            guest_ping_interval_ms: guest_pause.and_then(|p| p.interval_ms),
+            guest_ping_interval_ms: guest_pause.as_ref().and_then(|p| p.interval_ms),
+            guest_first_answer_ms: guest_pause.map(|p| p.first_answer_ms),
             cpu_s,
             launch_ms,
             transfer_ms,
@@ -442,7 +448,7 @@ async fn qemu_version(qmp: &godwit_qmp::QmpClient) -> Option<String> {
 /// in the guest's port and delay the answer that counts.
 struct PauseMeter {
     stop: tokio::sync::watch::Sender<bool>,
-    old: Option<tokio::task::JoinHandle<Vec<Instant>>>,
+    old: Option<tokio::task::JoinHandle<Vec<(Instant, Instant)>>>,
 }
 
 impl Drop for PauseMeter {
@@ -459,6 +465,8 @@ struct PauseFigures {
     /// Median time between answers before the handover, ms: the meter's
     /// resolution (a ping's round trip through the guest tool).
     interval_ms: Option<f64>,
+    /// Round trip of the first answered ping through the new QEMU, ms.
+    first_answer_ms: f64,
 }
 
 impl PauseMeter {
@@ -481,48 +489,40 @@ impl PauseMeter {
             Some(t) => t.await.unwrap_or_default(),
             None => Vec::new(),
         };
-        let gap = first_new?.saturating_duration_since(*old.last()?);
-        {
-            let now_i = Instant::now();
-            let now_us = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_micros() as i64);
-            let us = |t: Instant| now_us - (now_i - t).as_micros() as i64;
-            debug!(
-                last_old_us = us(*old.last()?),
-                first_new_us = us(first_new?),
-                "pause meter"
-            );
-        }
+        let (first_sent, first_answer) = first_new?;
+        let (_, last_old) = *old.last()?;
+        let gap = first_answer.saturating_duration_since(last_old);
         let mut gaps: Vec<f64> = old
             .windows(2)
-            .map(|w| (w[1] - w[0]).as_secs_f64() * 1e3)
+            .map(|w| (w[1].1 - w[0].1).as_secs_f64() * 1e3)
             .collect();
         gaps.sort_by(f64::total_cmp);
         Some(PauseFigures {
             gap_ms: gap.as_secs_f64() * 1e3,
             interval_ms: gaps.get(gaps.len() / 2).copied(),
+            first_answer_ms: (first_answer - first_sent).as_secs_f64() * 1e3,
         })
     }
 }
 
 /// Pings until told to stop; with `first`, until the first answer. Returns
-/// the time of the last (or first) answer.
+/// when each answered ping was sent and when its answer came.
 async fn ping_loop(
     ch: GuestChannel,
     mut stop: tokio::sync::watch::Receiver<bool>,
     first: bool,
-) -> Vec<Instant> {
+) -> Vec<(Instant, Instant)> {
     let give_up = Instant::now() + PING_GIVE_UP;
     let mut answers = Vec::new();
     while !*stop.borrow() && Instant::now() < give_up {
+        let sent = Instant::now();
         let ping = ch.request(json!({"cmd": "ping"}), PING_TIMEOUT);
         let ok = tokio::select! {
             r = ping => r.is_ok(),
             _ = stop.changed() => break,
         };
         if ok {
-            answers.push(Instant::now());
+            answers.push((sent, Instant::now()));
             if first {
                 break;
             }
